@@ -1,0 +1,250 @@
+"""timm Vision Transformers (ViT, DeiT, CLIP-ViT, with class and register tokens).
+
+Each timm ``Block`` is re-written as ``ViTBlock``: the same frozen submodules under the same
+names (so ``state_dict`` keys do not change), called through slots::
+
+    x = x + drop_path1(attn_op(x))     # attn_op(x) = ls1(attn(norm1(x)))  + its tuners
+    x = x + drop_path2(mlp_op(x))      # mlp_op(x)  = ls2(mlp(norm2(x)))   + its tuners
+
+Block variants this forward does not reproduce exactly (parallel blocks, post-norm blocks,
+gated attention, GLU MLPs...) are refused with an error naming the part.
+
+Frozen query projections for parallel attention tuners (``p_prefix``, ``p_prompt``): every
+site uses its block's frozen ``W_q`` (and ``W_k``, ``W_v``), applied after the site's own
+pre-norm: ``norm1`` for ``blocks.{i}.attn`` and ``blocks.{i}``, ``norm2`` for ``blocks.{i}.mlp``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from utuning.attention import attend, merge_heads, split_heads
+from utuning.backbone import Backbone, Features, refuse
+from utuning.errors import ConfigError
+from utuning.handle import LinearHandle, OpHandle
+from utuning.registry import register_backbone
+from utuning.sites import SiteSpec
+from utuning.slot import Slot, remove_tokens
+
+_BLOCK_CHILDREN = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
+_OP_PLACEMENTS = frozenset({"parallel", "sequential", "unfreeze"})
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pt", "model.pth")
+
+
+class ViTOpHandle(OpHandle):
+    """A block operation: its frozen modules, and the block's frozen attention projections
+    applied after ``norm`` (the operation's pre-norm)."""
+
+    def __init__(self, site: str, modules: dict[str, Any], norm: nn.Module, attn: Attention) -> None:
+        super().__init__(site, modules)
+        self.norm = norm
+        self.attn = attn
+
+    def _project(self, x: Tensor, index: int) -> Tensor:
+        a = self.attn
+        w = a.qkv.weight[index * a.attn_dim : (index + 1) * a.attn_dim]
+        b = None if a.qkv.bias is None else a.qkv.bias[index * a.attn_dim : (index + 1) * a.attn_dim]
+        return split_heads(F.linear(self.norm(x), w, b), a.num_heads)  # (B, H, N, Dh)
+
+    def query(self, x: Tensor) -> Tensor:
+        return self.attn.q_norm(self._project(x, 0))
+
+    def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attn.k_norm(self._project(tokens, 1)), self._project(tokens, 2)
+
+
+class ViTBlock(nn.Module):
+    """A timm ``Block`` with operation slots; the frozen submodules keep their names."""
+
+    def __init__(self, block: Block, slots: dict[str, Slot]) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(self, name, getattr(block, name))
+        self.slots = slots  # plain dict: the slots are registered once, in the backbone adapter
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:  # (B, N, D)
+        if attn_mask is not None or is_causal:
+            raise refuse("Masked or causal attention in a tuned ViT block", "utuning's ViT blocks attend over all tokens")
+        return self.slots["block"].apply(x, self._block)
+
+    def _block(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.drop_path1(self.slots["attn"].apply(x, self._attn_op))
+        return x + self.drop_path2(self.slots["mlp"].apply(x, self._mlp_op))
+
+    def _attn_op(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        a = self.attn
+        qkv = self.slots["attn.qkv"].linear(self.norm1(x), a.qkv)  # (B, N, 3*H*Dh)
+        q, k, v = rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=a.num_heads)
+        q, k = a.q_norm(q), a.k_norm(k)
+        prefixes, decomposed = self.slots["attn"].prefixes(x.shape[0])
+        drop = a.attn_drop.p if self.training else 0.0
+        o = attend(q, k, v, prefixes=prefixes, decomposed=decomposed, dropout_p=drop, scale=a.scale)
+        o = a.norm(merge_heads(o))  # (B, N, H*Dh)
+        return self.ls1(a.proj_drop(self.slots["attn.proj"].linear(o, a.proj)))
+
+    def _mlp_op(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        m = self.mlp
+        h = m.drop1(m.act(self.slots["mlp.fc1"].linear(self.norm2(x), m.fc1)))
+        return self.ls2(m.drop2(self.slots["mlp.fc2"].linear(m.norm(h), m.fc2)))
+
+
+def _check_block(i: int, block: nn.Module) -> None:
+    where = f"blocks.{i}"
+    if type(block) is not Block:
+        raise refuse(f"{where} is a {type(block).__name__}", "only timm's pre-norm `Block` is re-written exactly")
+    extra = set(dict(block.named_children())) - _BLOCK_CHILDREN
+    if extra:
+        raise refuse(f"{where} has extra submodules {sorted(extra)}", "the re-written forward would skip them")
+    if type(block.attn) is not Attention:
+        raise refuse(f"{where}.attn is a {type(block.attn).__name__}", "only timm's `Attention` is re-written exactly")
+    if block.attn.gate is not None:
+        raise refuse(f"{where}.attn is gated", "gated attention is not re-written")
+    if type(block.mlp) is not Mlp or not isinstance(block.mlp.fc1, nn.Linear):
+        raise refuse(f"{where}.mlp is a {type(block.mlp).__name__}", "only timm's linear `Mlp` is re-written exactly")
+
+
+def _weights_file(path: str | Path) -> str:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in _WEIGHT_FILES:
+            if (path / name).is_file():
+                return str(path / name)
+        raise ConfigError(f"Checkpoint folder {str(path)!r} holds none of {list(_WEIGHT_FILES)}")
+    if not path.is_file():
+        raise ConfigError(f"Checkpoint {str(path)!r} does not exist")
+    return str(path)
+
+
+@register_backbone("vit")
+class ViTBackbone(Backbone):
+    """timm ``VisionTransformer`` with sites embed, blocks.{i}[.attn|.mlp][.qkv|.proj|.fc1|.fc2], norm, head."""
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model: str = "vit_base_patch16_224",
+        pretrained: bool | str = False,
+        num_classes: int | None = None,
+        img_size: int | None = None,
+        **timm_kwargs: Any,
+    ) -> ViTBackbone:
+        """``pretrained``: False, True (timm's hub weights) or a local file or folder of weights."""
+        import timm
+
+        kwargs = dict(timm_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
+            kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(pretrained)}
+            pretrained = True
+        if model not in timm.list_models() and model.split(".")[0] not in timm.list_models():
+            from utuning.errors import UnknownNameError, closest
+
+            raise UnknownNameError(f"Unknown timm model {model!r}. Did you mean {closest(model, timm.list_models('vit*'))}?")
+        return cls(timm.create_model(model, pretrained=bool(pretrained), **kwargs))
+
+    def __init__(self, model: VisionTransformer) -> None:
+        if not isinstance(model, VisionTransformer):
+            raise refuse(f"A {type(model).__name__}", "the vit backbone wraps timm VisionTransformer models")
+        for i, block in enumerate(model.blocks):
+            _check_block(i, block)  # all checks before anything is modified
+        super().__init__(model)
+        dim, npt = model.embed_dim, model.num_prefix_tokens
+        patch = model.patch_embed.patch_size
+        info = {"patch_size": tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)}
+        embed_modules = {"patch_embed": model.patch_embed, "cls_token": model.cls_token,
+                         "reg_token": model.reg_token, "pos_embed": model.pos_embed}
+        self.add_site(
+            SiteSpec("embed", "embed", dim, frozenset({"prompt", "unfreeze"}), prefix_tokens=npt, info=info),
+            OpHandle("embed", {k: v for k, v in embed_modules.items() if v is not None}),
+        )
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = ViTBlock(block, self._block_slots(i, block, info))
+        self.add_site(SiteSpec("norm", "norm", dim, frozenset({"unfreeze"})),
+                      OpHandle("norm", {"norm": model.norm, "fc_norm": model.fc_norm}))
+        head_out = model.head.out_features if isinstance(model.head, nn.Linear) else dim
+        self.add_site(SiteSpec("head", "head", model.num_features, frozenset({"replace", "unfreeze"}), out_dim=head_out),
+                      OpHandle("head", {"head": model.head}))
+
+    def _block_slots(self, i: int, block: Block, info: dict) -> dict[str, Slot]:
+        a, dim, npt = block.attn, self.model.embed_dim, self.model.num_prefix_tokens
+        common = {"layer": i, "num_heads": a.num_heads, "head_dim": a.head_dim, "prefix_tokens": npt,
+                  "features": frozenset({"query", "key_value"}), "info": info}
+        p = f"blocks.{i}"
+        mods_attn = {"norm1": block.norm1, "attn": block.attn, "ls1": block.ls1}
+        mods_mlp = {"norm2": block.norm2, "mlp": block.mlp, "ls2": block.ls2}
+        slots = {
+            "block": self.add_site(SiteSpec(p, "block", dim, _OP_PLACEMENTS | {"prompt"}, **common),
+                                   ViTOpHandle(p, {**mods_attn, **mods_mlp}, block.norm1, a)),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, _OP_PLACEMENTS | {"prefix"}, **common),
+                                  ViTOpHandle(f"{p}.attn", mods_attn, block.norm1, a)),
+            "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, _OP_PLACEMENTS, **common),
+                                 ViTOpHandle(f"{p}.mlp", mods_mlp, block.norm2, a)),
+        }
+        for name, layer in (("attn.qkv", a.qkv), ("attn.proj", a.proj), ("mlp.fc1", block.mlp.fc1), ("mlp.fc2", block.mlp.fc2)):
+            spec = SiteSpec(f"{p}.{name}", "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
+                            out_dim=layer.out_features, layer=i, info={"split": 3 if name == "attn.qkv" else 1})
+            slots[name] = self.add_site(spec, LinearHandle(spec.name, layer))
+        return slots
+
+    # Running ----------------------------------------------------------------------------
+    def _tokens(self, pixel_values: Tensor) -> Tensor:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixel_values))))  # (B, N, D)
+        return self.slot("embed").around(x, lambda t, _: t)[0]
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        for block in self.model.blocks:
+            if self.model.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def _strip(self, x: Tensor, n_tokens: int) -> Tensor:
+        # Prompts kept past their block (VPT-shallow) sit after the class/register tokens.
+        return remove_tokens(x, x.shape[1] - n_tokens, self.model.num_prefix_tokens)[0]
+
+    def _n_tokens(self, pixel_values: Tensor) -> int:
+        h, w = self.model.patch_embed.dynamic_feat_size(pixel_values.shape[-2:]) if self.model.dynamic_img_size \
+            else self.model.patch_embed.grid_size
+        return self.model.num_prefix_tokens + h * w
+
+    def forward(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, classes)
+        m = self.model
+        x = self._strip(self._blocks(self._tokens(pixel_values)), self._n_tokens(pixel_values))
+        x = self.slot("norm").apply(x, lambda t, _: m.norm(t))
+        pre = m.forward_head(x, pre_logits=True)  # (B, D)
+        return self.slot("head").apply(pre, lambda t, _: m.head(t))
+
+    def intermediates(self, pixel_values: Tensor, *, layers: list[int]) -> Features:
+        """Block outputs through timm's ``forward_intermediates`` (class/register tokens kept)."""
+        m = self.model
+        final, inter = m.forward_intermediates(
+            pixel_values, indices=list(layers), return_prefix_tokens=True, norm=False, output_fmt="NLC"
+        )
+        if m.num_prefix_tokens:
+            inter = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
+        pooled = m.forward_head(final, pre_logits=True)
+        return Features(dict(zip(sorted(layers), inter)), final, pooled, None, {"prefix_tokens": m.num_prefix_tokens})
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, Tensor]:
+        size = self.model.patch_embed.img_size
+        return {"pixel_values": torch.randn(batch_size, self.model.patch_embed.proj.in_channels, *size)}

@@ -1,0 +1,82 @@
+"""LoRA: a low-rank update beside a frozen linear layer, mergeable into it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from utuning.errors import ConfigError
+from utuning.handle import OpHandle
+from utuning.registry import register_tuner
+from utuning.sites import SiteSpec
+from utuning.tuner import Tuner
+from utuning.tuners._common import positive
+
+PART_NAMES = ("q", "k", "v")
+
+
+@register_tuner("lora")
+class LoRA(Tuner):
+    """Low-rank adaptation (Hu et al. 2021, arXiv 2106.09685): ``y = W x + (alpha/rank)·B A x``.
+
+    ``B`` starts at zero. On a fused ``qkv`` site, ``parts`` picks the projections to adapt
+    (the paper adapts ``["q", "v"]``); elsewhere the whole layer is adapted. ``merge`` adds
+    ``(alpha/rank)·B A`` to the frozen weight, ``unmerge`` subtracts it.
+    """
+
+    placement = "reparam"
+    site_kinds = frozenset({"linear"})
+    paper = "https://arxiv.org/abs/2106.09685"
+
+    def __init__(self, site: SiteSpec, *, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 parts: Sequence[str] | None = None) -> None:
+        super().__init__(site)
+        positive("rank", rank)
+        split = site.info.get("split", 1)
+        if parts is None:
+            index = list(range(split))
+        elif split != 3:
+            raise ConfigError(f"lora 'parts' applies to fused qkv sites; {site.name!r} is not one")
+        else:
+            bad = [p for p in parts if p not in PART_NAMES]
+            if bad or not parts:
+                raise ConfigError(f"lora parts {list(parts)!r} must be a non-empty subset of {list(PART_NAMES)}")
+            index = sorted(PART_NAMES.index(p) for p in parts)
+        self.index = index
+        self.part_dim = site.out_dim // split
+        self.split = split
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(len(index), rank, site.dim))  # (parts, r, D_in)
+        self.lora_B = nn.Parameter(torch.zeros(len(index), self.part_dim, rank))  # (parts, D_part, r)
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def delta_weight(self) -> Tensor:
+        """The update of the full weight, (D_out, D_in)."""
+        blocks = [torch.zeros(self.part_dim, self.lora_A.shape[-1], dtype=self.lora_A.dtype, device=self.lora_A.device)
+                  for _ in range(self.split)]
+        for j, i in enumerate(self.index):
+            blocks[i] = self.lora_B[j] @ self.lora_A[j]
+        return torch.cat(blocks, dim=0) * self.scaling
+
+    def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
+        h = self.dropout(x)
+        parts = [None] * self.split
+        for j, i in enumerate(self.index):
+            parts[i] = (h @ self.lora_A[j].T) @ self.lora_B[j].T * self.scaling  # (..., D_part)
+        if self.split == 1:
+            return y + parts[0]
+        zeros = y.new_zeros(*y.shape[:-1], self.part_dim)
+        return y + torch.cat([p if p is not None else zeros for p in parts], dim=-1)
+
+    @torch.no_grad()
+    def merge(self, op: OpHandle) -> None:
+        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, op: OpHandle) -> None:
+        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)

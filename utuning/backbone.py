@@ -1,0 +1,144 @@
+"""The ``Backbone`` base class: an adapter from one model family to utuning's sites.
+
+A backbone adapter keeps the original model as ``self.model`` (its state-dict keys never
+change), re-writes each block as a short explicit forward that calls its frozen operations
+through slots, and registers one ``Slot`` per site. Everything it knows about the family lives
+in its own module under ``backbones/``; the core only sees sites, slots and handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from utuning.errors import SiteError, UnsupportedModelError, closest
+from utuning.handle import OpHandle
+from utuning.registry import BACKBONES
+from utuning.sites import SiteSpec, match_sites
+from utuning.slot import Slot
+
+
+@dataclass
+class Features:
+    """Frozen features read by side tuners (and stored by the feature cache).
+
+    layers: block index -> that block's output tokens (B, N, D)
+    final:  the last block's output after the final norm (B, N, D)
+    pooled: the pre-logits the head reads (B, D)
+    mask:   (B, N) bool, True for real tokens (text), or None
+    """
+
+    layers: dict[int, Tensor]
+    final: Tensor
+    pooled: Tensor
+    mask: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def detach(self) -> Features:
+        return Features(
+            {i: t.detach() for i, t in self.layers.items()},
+            self.final.detach(),
+            self.pooled.detach(),
+            None if self.mask is None else self.mask.detach(),
+            dict(self.extra),
+        )
+
+    def to(self, device: torch.device | str) -> Features:
+        return Features(
+            {i: t.to(device) for i, t in self.layers.items()},
+            self.final.to(device),
+            self.pooled.to(device),
+            None if self.mask is None else self.mask.to(device),
+            dict(self.extra),
+        )
+
+
+def _slot_key(site: str) -> str:
+    return site.replace(".", "/")
+
+
+class Backbone(nn.Module):
+    """Base class of backbone adapters. Subclasses implement ``forward`` and ``intermediates``."""
+
+    name = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.slots = nn.ModuleDict()
+
+    # Building ---------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Whether this adapter can wrap ``model`` (used by ``utuning.wrap``)."""
+        return False
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> Backbone:
+        """Build the model (e.g. from a hub name or a local checkpoint) and wrap it."""
+        raise NotImplementedError
+
+    def add_site(self, spec: SiteSpec, handle: OpHandle) -> Slot:
+        slot = Slot(spec, handle)
+        self.slots[_slot_key(spec.name)] = slot
+        return slot
+
+    # Sites ------------------------------------------------------------------------------
+    def site_specs(self) -> dict[str, SiteSpec]:
+        return {slot.spec.name: slot.spec for slot in self.slots.values()}
+
+    def site_names(self) -> list[str]:
+        return [slot.spec.name for slot in self.slots.values()]
+
+    def slot(self, site: str) -> Slot:
+        key = _slot_key(site)
+        if key not in self.slots:
+            raise SiteError(f"{type(self).__name__} has no site {site!r}. Closest: {closest(site, self.site_names())}")
+        return self.slots[key]
+
+    def match(self, patterns: str | list[str]) -> list[str]:
+        return match_sites(patterns, self.site_names(), owner=f"backbone {self.name!r}")
+
+    def frozen_state_dict(self) -> dict[str, Tensor]:
+        """The original model's state dict (same keys as before wrapping)."""
+        return self.model.state_dict()
+
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for s in self.site_specs().values() if s.kind == "block")
+
+    # Running ----------------------------------------------------------------------------
+    def intermediates(self, *args: Any, layers: list[int], **kwargs: Any) -> Features:
+        """Features of the chosen blocks (for side tuners), through the family's own API."""
+        raise NotImplementedError
+
+    def example_inputs(self, batch_size: int = 2) -> Mapping[str, Tensor]:
+        """Small valid inputs (keyword arguments of ``forward``) for checks and benchmarks."""
+        raise NotImplementedError
+
+
+def refuse(what: str, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{what} is not supported: {why}")
+
+
+def build_backbone(name: str, **kwargs: Any) -> Backbone:
+    """Build a registered backbone, e.g. ``build_backbone("vit", model="vit_base_patch16_224")``."""
+    return BACKBONES.get(name).create(**kwargs)
+
+
+def wrap(model: nn.Module) -> Backbone:
+    """Wrap an already-built model with the first registered adapter that accepts it."""
+    if isinstance(model, Backbone):
+        return model
+    for name in BACKBONES:
+        cls = BACKBONES.get(name)
+        if cls.accepts(model):
+            return cls(model)
+    raise UnsupportedModelError(
+        f"No registered backbone adapter accepts a {type(model).__module__}.{type(model).__name__}; "
+        f"registered: {list(BACKBONES)}"
+    )

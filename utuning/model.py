@@ -1,0 +1,252 @@
+"""``TunedModel``: a frozen backbone with tuners attached at its sites.
+
+Everything is checked before the backbone is touched: tuner names, site patterns, placements,
+handle features and tuner arguments. Trainable parameters are found by walking the attached
+tuners, never by matching parameter names, and the tuner state dict uses stable keys
+``{site}.{tuner}.{param}`` (side tuners: ``side.{key}.{param}``) that do not depend on
+wrappers such as DDP or ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from utuning.backbone import Backbone, Features, wrap
+from utuning.errors import ConfigError, PlacementError, StateDictError
+from utuning.handle import OpHandle
+from utuning.registry import COMPOSITIONS, TUNERS
+from utuning.tuner import PLACEMENTS, Tuner, TunerSpec
+
+
+@dataclass
+class Attached:
+    """One attached tuner: its stable key, sites, handle (None for side tuners) and module."""
+
+    key: str
+    sites: tuple[str, ...]
+    tuner: Tuner
+    handle: OpHandle | None
+
+    def state(self) -> dict[str, Tensor]:
+        if self.handle is not None and self.tuner.placement == "unfreeze":
+            return self.tuner.trainable(self.handle)
+        return self.tuner.state_dict(keep_vars=True)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.tuner.trainable(self.handle) if self.handle is not None else dict(self.tuner.named_parameters())
+
+
+def expand_specs(specs: Iterable[Any]) -> list[TunerSpec]:
+    """Coerce specs and expand registered compositions (Dual-/Tri-U-Tuner...) into tuner specs."""
+    out: list[TunerSpec] = []
+    for raw in specs:
+        spec = TunerSpec.coerce(raw)
+        if spec.name in COMPOSITIONS and spec.name not in TUNERS:
+            out.extend(expand_specs(COMPOSITIONS.get(spec.name)(at=spec.at, **spec.args)))
+        else:
+            out.append(spec)
+    return out
+
+
+def unwrap(model: nn.Module) -> TunedModel:
+    """The ``TunedModel`` inside DDP / FSDP / ``torch.compile`` wrappers."""
+    seen = model
+    while not isinstance(seen, TunedModel):
+        inner = getattr(seen, "_orig_mod", None) or getattr(seen, "module", None)
+        if inner is None:
+            raise ConfigError(f"{type(model).__name__} does not wrap a TunedModel")
+        seen = inner
+    return seen
+
+
+class TunedModel(nn.Module):
+    """A frozen backbone plus tuners. ``forward`` returns the backbone's outputs (logits), or
+    the side tuners' outputs (a tensor for one, a dict by key for several)."""
+
+    def __init__(self, backbone: Backbone | nn.Module, tuners: Sequence[Any] = ()) -> None:
+        super().__init__()
+        backbone = wrap(backbone)
+        specs = expand_specs(tuners)
+        planned = self._plan(backbone, specs)  # raises before anything is modified
+        self.backbone = backbone
+        self.side = nn.ModuleDict()
+        self.specs = specs
+        self._attached: list[Attached] = []
+        backbone.model.requires_grad_(False)
+        for attached in planned:
+            if attached.handle is None:
+                self.side[attached.key.removeprefix("side.")] = attached.tuner
+            else:
+                backbone.slot(attached.sites[0]).add(attached.tuner)
+                attached.tuner.on_attach(attached.handle)
+            for p in attached.trainable().values():
+                p.requires_grad_(True)
+            self._attached.append(attached)
+
+    @staticmethod
+    def _plan(backbone: Backbone, specs: list[TunerSpec]) -> list[Attached]:
+        site_specs = backbone.site_specs()
+        planned: list[Attached] = []
+        keys: set[str] = set()
+        for spec in specs:
+            cls = TUNERS.get(spec.name)
+            if cls.placement not in PLACEMENTS:
+                raise PlacementError(f"Tuner {cls.name!r} has unknown placement {cls.placement!r}; known: {list(PLACEMENTS)}")
+            cls.check_args(spec.args)
+            sites = backbone.match(spec.at)
+            for site in sites:
+                cls.check_site(site_specs[site])
+            if PLACEMENTS[cls.placement]:
+                for site in sites:
+                    key = f"{site}.{cls.name}"
+                    if key in keys:
+                        raise PlacementError(f"Tuner {cls.name!r} is attached twice at site {site!r}")
+                    keys.add(key)
+                    slot = backbone.slot(site)
+                    if cls.name in slot.tuners:
+                        raise PlacementError(f"Site {site!r} already has a {cls.name!r} tuner")
+                    planned.append(Attached(key, (site,), cls(site=site_specs[site], **spec.args), slot.handle))
+            else:
+                key = f"side.{spec.key or cls.name}"
+                if key in keys:
+                    raise PlacementError(f"Two side tuners share the key {key!r}; give each a distinct 'key'")
+                keys.add(key)
+                tuner = cls(sites=tuple(site_specs[s] for s in sites), **spec.args)
+                planned.append(Attached(key, tuple(sites), tuner, None))
+        return planned
+
+    # Walking tuners ---------------------------------------------------------------------
+    def attached(self) -> list[Attached]:
+        return list(self._attached)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen: set[int] = set()
+        for a in self._attached:
+            for name, p in a.trainable().items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{a.key}.{name}", p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(tunable, total) parameter counts; total counts the frozen model and every tuner once."""
+        tunable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return tunable, total
+
+    # Running ----------------------------------------------------------------------------
+    @property
+    def side_layers(self) -> list[int]:
+        specs = self.backbone.site_specs()
+        return sorted({specs[s].layer for a in self._attached if a.handle is None for s in a.sites if specs[s].layer is not None})
+
+    def backbone_needs_grad(self) -> bool:
+        return any(a.handle is not None for a in self._attached)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor | dict[str, Tensor]:
+        if not len(self.side):
+            return self.backbone(*args, **kwargs)
+        grad = torch.is_grad_enabled() and self.backbone_needs_grad()
+        with torch.set_grad_enabled(grad):
+            feats = self.backbone.intermediates(*args, layers=self.side_layers, **kwargs)
+        return self.side_forward(feats if grad else feats.detach())
+
+    def side_forward(self, feats: Features) -> Tensor | dict[str, Tensor]:
+        """Side tuners on given (e.g. cached) features: one tensor, or a dict by key."""
+        outs = {key: tuner(feats) for key, tuner in self.side.items()}
+        return next(iter(outs.values())) if len(outs) == 1 else outs
+
+    # Merging ----------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold every mergeable reparam tuner (LoRA, SSF, BitFit) into its frozen linear layer."""
+        for a in self._attached:
+            if a.tuner.placement == "reparam" and not a.tuner.merged:
+                a.tuner.merge(a.handle)
+                a.tuner.merged = True
+
+    def unmerge(self) -> None:
+        for a in reversed(self._attached):
+            if a.tuner.placement == "reparam" and a.tuner.merged:
+                a.tuner.unmerge(a.handle)
+                a.tuner.merged = False
+
+    # State ------------------------------------------------------------------------------
+    def tuner_state_dict(self) -> dict[str, Tensor]:
+        """Tuner weights only, with stable keys ``{site}.{tuner}.{param}``."""
+        return {f"{a.key}.{n}": t.detach().clone() for a in self._attached for n, t in a.state().items()}
+
+    def load_tuner_state_dict(self, state: Mapping[str, Tensor], strict: bool = True) -> None:
+        """Copy tuner weights in; with ``strict`` any missing, unexpected or mis-shaped entry fails
+        (all are listed) before anything is copied."""
+        if any(a.tuner.merged for a in self._attached):
+            raise StateDictError("Unmerge the tuners before loading tuner weights (model.unmerge())")
+        targets = {f"{a.key}.{n}": t for a in self._attached for n, t in a.state().items()}
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(targets[k].shape)}"
+            for k in set(targets) & set(state)
+            if tuple(state[k].shape) != tuple(targets[k].shape)
+        )
+        if shapes or (strict and (missing or unexpected)):
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+            if shapes:
+                parts.append(f"mis-shaped {shapes[:10]}")
+            raise StateDictError("Tuner state dict does not fit this model: " + "; ".join(parts))
+        with torch.no_grad():
+            for k, t in targets.items():
+                if k in state:
+                    t.copy_(state[k])
+
+    def tuner_config(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.specs]
+
+    # Reporting --------------------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        """Rows per (site, tuner): parameters and their share of all model parameters."""
+        _, total = self.num_parameters()
+        rows = []
+        for a in self._attached:
+            n = sum(p.numel() for p in a.trainable().values())
+            rows.append(
+                {
+                    "site": a.sites[0] if len(a.sites) == 1 else f"{a.sites[0]} .. {a.sites[-1]} ({len(a.sites)})",
+                    "tuner": a.tuner.name,
+                    "placement": a.tuner.placement,
+                    "parameters": n,
+                    "share": n / total if total else 0.0,
+                }
+            )
+        return rows
+
+    def format_summary(self) -> str:
+        rows = self.summary()
+        tunable, total = self.num_parameters()
+        w = max([len(r["site"]) for r in rows] + [4])
+        t = max([len(r["tuner"]) for r in rows] + [5])
+        lines = [f"{'site':<{w}}  {'tuner':<{t}}  {'placement':<10}  {'parameters':>12}  {'share':>8}"]
+        for r in rows:
+            lines.append(f"{r['site']:<{w}}  {r['tuner']:<{t}}  {r['placement']:<10}  {r['parameters']:>12,}  {r['share']:>8.4%}")
+        lines.append(f"tunable {tunable:,} of {total:,} parameters ({tunable / max(total, 1):.4%}, {_millions(tunable)})")
+        return "\n".join(lines)
+
+
+def _millions(n: int) -> str:
+    return f"{math.floor(n / 1e4 + 0.5) / 100:.2f}M"
+
+
+def tune(model: Backbone | nn.Module, tuners: Sequence[Any] = ()) -> TunedModel:
+    """Attach ``tuners`` (specs, dicts or ``(name, at[, args])`` tuples) to ``model``."""
+    return TunedModel(model, tuners)

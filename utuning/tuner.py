@@ -1,0 +1,175 @@
+"""The ``Tuner`` base class that every PETL method subclasses, and ``TunerSpec``.
+
+A tuner is the ``U`` in ``x' = OP(x) + U(x)`` (U-Tuning, arXiv 2303.00690). It declares a
+``placement`` (see ``utuning.slot``), optionally the site kinds it fits and the handle features
+it needs, and takes its hyperparameters as keyword-only constructor arguments whose defaults
+are the paper's. A new method is a subclass registered with ``@register_tuner("name")``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from utuning.errors import ConfigError, PlacementError, closest
+from utuning.handle import OpHandle
+from utuning.sites import SiteSpec
+
+#: Placements and whether one tuner instance serves one site (True) or many (False).
+PLACEMENTS: Mapping[str, bool] = {
+    "parallel": True,
+    "sequential": True,
+    "prompt": True,
+    "prefix": True,
+    "reparam": True,
+    "replace": True,
+    "unfreeze": True,
+    "side": False,
+}
+
+
+class Tuner(nn.Module):
+    """Base class of all tuners.
+
+    Class attributes a subclass sets:
+      placement   one of ``PLACEMENTS``
+      site_kinds  site kinds it may attach to (empty: any site offering the placement)
+      requires    handle features it needs, e.g. ``{"query"}`` for attention over frozen queries
+      paper       link of the method's paper
+    """
+
+    name: ClassVar[str] = ""
+    placement: ClassVar[str] = ""
+    site_kinds: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    paper: ClassVar[str] = ""
+    # prompt tuners: keep the prompt outputs after the operation (VPT-shallow) or drop them.
+    keep_outputs: bool = False
+    # prefix tuners: ask attention for the exact parallel form.
+    decomposed: bool = False
+    # reparam tuners: folded into the frozen layer by ``merge``.
+    merged: bool = False
+
+    def __init__(self, site: SiteSpec) -> None:
+        super().__init__()
+        self.site = site
+
+    def trainable(self, op: OpHandle) -> dict[str, nn.Parameter]:
+        """Parameters this tuner trains, by stable name. Default: its own parameters."""
+        return dict(self.named_parameters())
+
+    def on_attach(self, op: OpHandle) -> None:
+        """Called once the tuner sits in its slot (e.g. to copy frozen weights it starts from)."""
+
+    def merge(self, op: OpHandle) -> None:
+        raise PlacementError(f"Tuner {self.name!r} cannot be merged into the frozen weights")
+
+    def unmerge(self, op: OpHandle) -> None:
+        raise PlacementError(f"Tuner {self.name!r} cannot be merged into the frozen weights")
+
+    @classmethod
+    def check_site(cls, site: SiteSpec) -> None:
+        """Fail (before anything is built) if this tuner cannot live on ``site``."""
+        if cls.placement not in site.placements:
+            why = site.refused.get(cls.placement)
+            offered = sorted(site.placements)
+            raise PlacementError(
+                f"Tuner {cls.name!r} needs placement {cls.placement!r}, which site {site.name!r} "
+                + (f"cannot take: {why}" if why else f"does not offer (it offers {offered})")
+            )
+        if cls.site_kinds and site.kind not in cls.site_kinds:
+            raise PlacementError(
+                f"Tuner {cls.name!r} attaches to {sorted(cls.site_kinds)} sites, not to {site.kind!r} site {site.name!r}"
+            )
+        missing = cls.requires - site.features
+        if missing:
+            why = "; ".join(site.refused[m] for m in sorted(missing) if m in site.refused)
+            raise PlacementError(
+                f"Tuner {cls.name!r} needs {sorted(missing)} from site {site.name!r}, which offers "
+                f"{sorted(site.features)}" + (f": {why}" if why else "")
+            )
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """Keyword-only constructor arguments and their defaults (``inspect.Parameter.empty`` if required)."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            n: p.default
+            for n, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    @classmethod
+    def check_args(cls, args: Mapping[str, Any]) -> None:
+        known = cls.hyperparameters()
+        for key in args:
+            if key not in known:
+                raise ConfigError(
+                    f"Tuner {cls.name!r} has no argument {key!r}. Did you mean {closest(key, known)}? "
+                    f"Arguments: {sorted(known)}"
+                )
+        required = [k for k, v in known.items() if v is inspect.Parameter.empty and k not in args]
+        if required:
+            raise ConfigError(f"Tuner {cls.name!r} needs argument(s) {required}")
+
+    def extra_repr(self) -> str:
+        return f"site={self.site.name!r}"
+
+
+class SideTuner(Tuner):
+    """A tuner beside the backbone: it reads detached features of the blocks its pattern
+    selects (``Features``, see ``utuning.backbone``) and returns its own outputs, so the
+    backbone runs without gradients (Y-Tuning, Res-Tuning-Bypass)."""
+
+    placement = "side"
+
+    def __init__(self, sites: Sequence[SiteSpec]) -> None:
+        super().__init__(sites[0])
+        self.sites = tuple(sites)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.sites if s.layer is not None})
+
+
+@dataclass
+class TunerSpec:
+    """What to attach: a registered tuner ``name`` at sites matching ``at``, with ``args``.
+
+    ``key`` names a side tuner's output (its task) when several share one backbone pass.
+    """
+
+    name: str
+    at: str | Sequence[str]
+    args: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+    @classmethod
+    def coerce(cls, value: Any) -> TunerSpec:
+        if isinstance(value, TunerSpec):
+            return value
+        if isinstance(value, (tuple, list)) and 2 <= len(value) <= 3:
+            return cls(value[0], value[1], dict(value[2]) if len(value) == 3 else {})
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"name", "at", "args", "key"}
+            if unknown:
+                bad = sorted(unknown)[0]
+                raise ConfigError(
+                    f"Tuner entry has unknown key {bad!r}; did you mean {closest(bad, ['name', 'at', 'args', 'key'])}?"
+                )
+            if "name" not in value or "at" not in value:
+                raise ConfigError(f"Tuner entry {dict(value)!r} needs 'name' and 'at'")
+            at = value["at"]
+            at = at if isinstance(at, str) else list(at)
+            return cls(value["name"], at, dict(value.get("args") or {}), value.get("key"))
+        raise ConfigError(f"Cannot read a tuner spec from {value!r}; use {{'name': ..., 'at': ..., 'args': {{...}}}}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "at": self.at if isinstance(self.at, str) else list(self.at), "args": dict(self.args)}
+        if self.key is not None:
+            d["key"] = self.key
+        return d
