@@ -82,6 +82,7 @@ class TunedModel(nn.Module):
         for attached in planned:
             if attached.handle is None:
                 self.side[attached.key.removeprefix("side.")] = attached.tuner
+                attached.tuner.on_attach(backbone)
             else:
                 backbone.slot(attached.sites[0]).add(attached.tuner)
                 attached.tuner.on_attach(attached.handle)

@@ -131,6 +131,10 @@ class SideTuner(Tuner):
         super().__init__(sites[0])
         self.sites = tuple(sites)
 
+    def on_attach(self, backbone) -> None:  # type: ignore[override]
+        """Called with the (frozen) ``Backbone`` once attached, e.g. to initialise label
+        embeddings from the frozen model's embeddings through a site handle."""
+
     @property
     def layers(self) -> list[int]:
         return sorted({s.layer for s in self.sites if s.layer is not None})
