@@ -1,0 +1,108 @@
+"""The recipe schema: dataclasses that a YAML recipe is validated against (``utuning.config``).
+
+A recipe is data; these dataclasses are its one definition. Unknown keys, wrong types and bad
+values are errors naming the file, the key and the closest valid key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit"  # a registered backbone (utuning.BACKBONES)
+    model: str = "vit_base_patch16_224.orig_in21k"  # timm name, HF hub name, or local folder
+    pretrained: Any = False  # False | True (hub weights) | path to a local checkpoint file or folder
+    num_classes: int | None = None  # None: taken from the data
+    img_size: int | None = None
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of Backbone.create
+
+
+@dataclass
+class TunerConfig:
+    name: str = "???"  # a registered tuner or composition
+    at: Any = "???"  # site pattern or list of patterns
+    args: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None  # output name of a side tuner when several share a backbone pass
+
+
+@dataclass
+class TaskConfig:
+    type: str = "classification"  # classification | regression | labelling | qa
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "???"  # a registered dataset (utuning.data.DATASETS)
+    root: str | None = None  # local copy; loaders never need the network when it is given
+    train_split: str = "train"
+    eval_split: str = "test"
+    args: dict[str, Any] = field(default_factory=dict)  # dataset-specific (transforms, max_length, subset...)
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm.optim.create_optimizer_v2 name
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: list[float] | None = None
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # any timm.scheduler.create_scheduler_v2 name, or "none"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs when set
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
+    seed: int = 0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    ema: float | None = None  # EMA decay of tuner weights, e.g. 0.999
+    cache_features: bool = False  # side tuners / linear probe: reuse frozen features across epochs
+    cache_augmented_views: bool = False
+    log_every: int = 10
+    checkpoint_every: int | None = None  # steps; None: every epoch
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    every: int = 1  # epochs
+    metrics: list[str] | None = None  # None: the dataset's own metrics
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/${name}"
+    tensorboard: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    description: str = ""
+    defaults: list[str] = field(default_factory=list)  # base recipes this one extends (paths relative to it)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tuners: list[TunerConfig] = field(default_factory=list)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
