@@ -8,9 +8,9 @@ from collections.abc import Callable
 import timm
 import torch
 from torch import nn
+from utuning.backbones.vit import ViTBackbone
 
 import utuning
-from utuning.backbones.vit import ViTBackbone
 
 
 def tiny_vit(num_classes: int = 10, *, depth: int = 2, dim: int = 32, heads: int = 2, reg_tokens: int = 0,

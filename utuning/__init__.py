@@ -3,6 +3,9 @@
     x' = OP(x) + U(x)        (U-Tuning, arXiv 2303.00690; Res-Tuning, arXiv 2310.19859)
 """
 
+# Registration of the bundled tuners and backbones (no other import-time side effects).
+from utuning import backbones as backbones  # noqa: E402
+from utuning import tuners as tuners  # noqa: E402
 from utuning.attention import attend
 from utuning.backbone import Backbone, Features, build_backbone, wrap
 from utuning.errors import (
@@ -17,14 +20,18 @@ from utuning.errors import (
 )
 from utuning.handle import LinearHandle, OpHandle
 from utuning.model import TunedModel, expand_specs, tune, unwrap
-from utuning.registry import BACKBONES, COMPOSITIONS, TUNERS, Registry, register_backbone, register_composition, register_tuner
+from utuning.registry import (
+    BACKBONES,
+    COMPOSITIONS,
+    TUNERS,
+    Registry,
+    register_backbone,
+    register_composition,
+    register_tuner,
+)
 from utuning.sites import SiteSpec, match_sites
 from utuning.slot import Slot
 from utuning.tuner import PLACEMENTS, SideTuner, Tuner, TunerSpec
-
-# Registration of the bundled tuners and backbones (no other import-time side effects).
-from utuning import backbones as backbones  # noqa: E402
-from utuning import tuners as tuners  # noqa: E402
 
 __version__ = "0.1.0"
 
