@@ -3,8 +3,8 @@
 Each timm ``Block`` is re-written as ``ViTBlock``: the same frozen submodules under the same
 names (so ``state_dict`` keys do not change), called through slots::
 
-    x = x + drop_path1(attn_op(x))     # attn_op(x) = ls1(attn(norm1(x)))  + its tuners
-    x = x + drop_path2(mlp_op(x))      # mlp_op(x)  = ls2(mlp(norm2(x)))   + its tuners
+    x = x + attn_op(x)     # attn_op(x) = drop_path1(ls1(attn(norm1(x))))  + its tuners
+    x = x + mlp_op(x)      # mlp_op(x)  = drop_path2(ls2(mlp(norm2(x))))   + its tuners
 
 Block variants this forward does not reproduce exactly (parallel blocks, post-norm blocks,
 gated attention, GLU MLPs...) are refused with an error naming the part.
@@ -78,8 +78,16 @@ class ViTBlock(nn.Module):
         return self.slots["block"].apply(x, self._block)
 
     def _block(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.drop_path1(self.slots["attn"].apply(x, self._attn_op))
-        return x + self.drop_path2(self.slots["mlp"].apply(x, self._mlp_op))
+        # Stochastic depth belongs to the frozen operation: a parallel tuner's output is not
+        # dropped with it, and a sequential tuner reads the dropped output (as in AdaptFormer).
+        x = x + self.slots["attn"].apply(x, self._attn_branch)
+        return x + self.slots["mlp"].apply(x, self._mlp_branch)
+
+    def _attn_branch(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.drop_path1(self._attn_op(x, mask))
+
+    def _mlp_branch(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.drop_path2(self._mlp_op(x, mask))
 
     def _attn_op(self, x: Tensor, mask: Tensor | None) -> Tensor:
         a = self.attn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from utuning.errors import ConfigError
 from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
@@ -35,6 +36,9 @@ class Prompt(Tuner):
         init_prompts(self.prompts.data, site.info, init)
         self.dropout = nn.Dropout(dropout)
         self.keep_outputs = site.kind == "embed" if keep_outputs is None else bool(keep_outputs)
+        if site.kind == "embed" and not self.keep_outputs:
+            # The embed operation is the identity on tokens: dropped prompts would do nothing.
+            raise ConfigError(f"prompt at {site.name!r} must keep its outputs (keep_outputs=True, VPT-shallow)")
 
     def forward(self, batch_size: int, op: OpHandle) -> Tensor:  # -> (B, P, D)
         return self.dropout(self.prompts.expand(batch_size, -1, -1))

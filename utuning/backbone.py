@@ -111,6 +111,13 @@ class Backbone(nn.Module):
     def num_layers(self) -> int:
         return sum(1 for s in self.site_specs().values() if s.kind == "block")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing through the wrapped model's own switch (timm's name)."""
+        if not hasattr(self.model, "set_grad_checkpointing"):
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no set_grad_checkpointing(); "
+                                        f"the {self.name!r} backbone adapter must provide one")
+        self.model.set_grad_checkpointing(enable)
+
     # Running ----------------------------------------------------------------------------
     def intermediates(self, *args: Any, layers: list[int], **kwargs: Any) -> Features:
         """Features of the chosen blocks (for side tuners), through the family's own API."""

@@ -165,13 +165,26 @@ class TunedModel(nn.Module):
         outs = {key: tuner(feats) for key, tuner in self.side.items()}
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (outputs and gradients unchanged)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     # Merging ----------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold every mergeable reparam tuner (LoRA, SSF, BitFit) into its frozen linear layer."""
-        for a in self._attached:
-            if a.tuner.placement == "reparam" and not a.tuner.merged:
-                a.tuner.merge(a.handle)
-                a.tuner.merged = True
+        """Fold every reparam tuner (LoRA, SSF, BitFit) into its frozen linear layer. All or
+        nothing: if one tuner cannot merge, the ones merged before it are unmerged again."""
+        done: list[Attached] = []
+        try:
+            for a in self._attached:
+                if a.tuner.placement == "reparam" and not a.tuner.merged:
+                    a.tuner.merge(a.handle)
+                    a.tuner.merged = True
+                    done.append(a)
+        except Exception:
+            for a in reversed(done):
+                a.tuner.unmerge(a.handle)
+                a.tuner.merged = False
+            raise
 
     def unmerge(self) -> None:
         for a in reversed(self._attached):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from utuning.errors import SiteError, closest
@@ -49,8 +48,8 @@ class SiteSpec:
     head_dim: int | None = None
     prefix_tokens: int = 0
     features: frozenset[str] = frozenset()
-    refused: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    refused: Mapping[str, str] = field(default_factory=dict, hash=False)
+    info: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
