@@ -1,3 +1,6 @@
 """Backbone adapters (installed as ``utuning.backbones``). Importing registers them."""
 
-from utuning.backbones import vit  # noqa: F401
+from utuning.backbones import (
+    hf_text,  # noqa: F401
+    vit,  # noqa: F401
+)

@@ -239,14 +239,18 @@ class ViTBackbone(Backbone):
         m = self.model
         x = self._strip(self._blocks(self._tokens(pixel_values)), self._n_tokens(pixel_values))
         x = self.slot("norm").apply(x, lambda t, _: m.norm(t))
-        pre = m.forward_head(x, pre_logits=True)  # (B, D)
-        return self.slot("head").apply(pre, lambda t, _: m.head(t))
+        return self.head(m.forward_head(x, pre_logits=True))  # (B, D) -> (B, classes)
+
+    def head(self, pooled: Tensor) -> Tensor:
+        return self.slot("head").apply(pooled, lambda t, _: self.model.head(t))
 
     def intermediates(self, pixel_values: Tensor, *, layers: list[int]) -> Features:
         """Block outputs through timm's ``forward_intermediates`` (class/register tokens kept)."""
         m = self.model
         final, inter = m.forward_intermediates(
-            pixel_values, indices=list(layers), return_prefix_tokens=True, norm=False, output_fmt="NLC"
+            # No layers (a linear probe reads only ``pooled``): ask for the last block, keep none.
+            pixel_values, indices=sorted(layers) or [len(m.blocks) - 1], return_prefix_tokens=True, norm=False,
+            output_fmt="NLC",
         )
         if m.num_prefix_tokens:
             inter = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import pytest
 import timm
 import torch
 from torch import nn
-from utuning.backbones.vit import ViTBackbone
 
 import utuning
+from utuning.backbones.vit import ViTBackbone
 
 
 def tiny_vit(num_classes: int = 10, *, depth: int = 2, dim: int = 32, heads: int = 2, reg_tokens: int = 0,
@@ -74,3 +75,13 @@ def assert_state_round_trip(make_tuned: Callable[[], utuning.TunedModel], inputs
     assert set(b.tuner_state_dict()) == set(state)
     with torch.no_grad():
         torch.testing.assert_close(call(b, inputs), call(a, inputs))
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test on one intra-op thread: tiny models gain nothing from more, and on a loaded
+    machine two spinning threads per process made them up to 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

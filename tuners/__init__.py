@@ -4,9 +4,11 @@ from utuning.tuners import (  # noqa: F401
     adapter,
     baselines,
     bias_scale,
+    bypass,
     compositions,
     lora,
     prefix,
     prompt,
     u_tuning,
+    ytuning,
 )

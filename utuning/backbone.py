@@ -119,6 +119,11 @@ class Backbone(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     # Running ----------------------------------------------------------------------------
+    def head(self, pooled: Tensor) -> Tensor:
+        """The ``head`` site (with its tuners) on pre-logits (B, D) -> (B, classes): what
+        ``forward`` ends with, and what a linear probe trains on cached ``Features.pooled``."""
+        raise NotImplementedError
+
     def intermediates(self, *args: Any, layers: list[int], **kwargs: Any) -> Features:
         """Features of the chosen blocks (for side tuners), through the family's own API."""
         raise NotImplementedError

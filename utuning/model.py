@@ -149,10 +149,22 @@ class TunedModel(nn.Module):
         specs = self.backbone.site_specs()
         return sorted({specs[s].layer for a in self._attached if a.handle is None for s in a.sites if specs[s].layer is not None})
 
+    def reads_features_only(self) -> bool:
+        """Whether every tuner reads frozen features (side tuners, or tuners at the head), so the
+        backbone below the head can run once without gradients and its features be cached."""
+        specs = self.backbone.site_specs()
+        return all(a.handle is None or specs[a.sites[0]].kind == "head" for a in self._attached)
+
     def backbone_needs_grad(self) -> bool:
         return any(a.handle is not None for a in self._attached)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor | dict[str, Tensor]:
+    def forward(self, *args: Any, features: Features | None = None, **kwargs: Any) -> Tensor | dict[str, Tensor]:
+        """Backbone inputs (``pixel_values=...`` / ``input_ids=...``), or ``features=`` already
+        computed (e.g. from the feature cache) for models whose tuners are all side tuners."""
+        if features is not None:
+            if not self.reads_features_only():
+                raise ConfigError("features= skips the backbone, but this model has tuners inside it")
+            return self.side_forward(features) if len(self.side) else self.backbone.head(features.pooled)
         if not len(self.side):
             return self.backbone(*args, **kwargs)
         grad = torch.is_grad_enabled() and self.backbone_needs_grad()
@@ -172,14 +184,18 @@ class TunedModel(nn.Module):
     # Merging ----------------------------------------------------------------------------
     def merge(self) -> None:
         """Fold every reparam tuner (LoRA, SSF, BitFit) into its frozen linear layer. All or
-        nothing: if one tuner cannot merge, the ones merged before it are unmerged again."""
+        nothing: a tuner class without ``merge`` fails before any weight changes, and if a merge
+        fails midway (e.g. no bias to merge into), the ones merged before it are unmerged again."""
+        todo = [a for a in self._attached if a.tuner.placement == "reparam" and not a.tuner.merged]
+        for a in todo:
+            if type(a.tuner).merge is Tuner.merge:
+                a.tuner.merge(a.handle)  # raises the tuner's "cannot be merged" error
         done: list[Attached] = []
         try:
-            for a in self._attached:
-                if a.tuner.placement == "reparam" and not a.tuner.merged:
-                    a.tuner.merge(a.handle)
-                    a.tuner.merged = True
-                    done.append(a)
+            for a in todo:
+                a.tuner.merge(a.handle)
+                a.tuner.merged = True
+                done.append(a)
         except Exception:
             for a in reversed(done):
                 a.tuner.unmerge(a.handle)

@@ -18,6 +18,9 @@ class BackboneConfig:
     num_classes: int | None = None  # None: taken from the data
     img_size: int | None = None
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of Backbone.create
+    # Overrides of the keys above that give a small offline model of the same family
+    # (``utuning check --tiny``, tests); data, not code, so the core never branches on a name.
+    tiny: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class TrainConfig:
     ema: float | None = None  # EMA decay of tuner weights, e.g. 0.999
     cache_features: bool = False  # side tuners / linear probe: reuse frozen features across epochs
     cache_augmented_views: bool = False
+    cache_dir: str = ".cache/utuning/features"  # where cached frozen features live (shared across runs)
     log_every: int = 10
     checkpoint_every: int | None = None  # steps; None: every epoch
 

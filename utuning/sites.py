@@ -67,6 +67,8 @@ def _expand_braces(segment: str) -> str:
             lo, _, hi = body.partition("..")
             if not (lo.strip().isdigit() and hi.strip().isdigit()):
                 raise SiteError(f"Bad layer range {{{body}}}: write {{first..last}}, e.g. {{0..3}}")
+            if int(lo) > int(hi):
+                raise SiteError(f"Bad layer range {{{body}}}: first > last; write {{{hi.strip()}..{lo.strip()}}}")
             items = [str(i) for i in range(int(lo), int(hi) + 1)]
         else:
             items = [s.strip() for s in body.split(",")]

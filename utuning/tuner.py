@@ -131,6 +131,15 @@ class SideTuner(Tuner):
         super().__init__(sites[0])
         self.sites = tuple(sites)
 
+    @classmethod
+    def check_site(cls, site: SiteSpec) -> None:
+        """Side tuners read the outputs of whole blocks: block sites with a layer index."""
+        if site.kind != "block" or site.layer is None:
+            raise PlacementError(
+                f"Side tuner {cls.name!r} reads the output of whole blocks; site {site.name!r} is a {site.kind!r} "
+                f"site. Select blocks, e.g. at='blocks.*' or 'blocks.{{8..11}}'"
+            )
+
     def on_attach(self, backbone) -> None:  # type: ignore[override]
         """Called with the (frozen) ``Backbone`` once attached, e.g. to initialise label
         embeddings from the frozen model's embeddings through a site handle."""

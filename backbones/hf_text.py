@@ -1,0 +1,384 @@
+"""Hugging Face text encoders: BERT, RoBERTa, ELECTRA and DeBERTa-v2/v3 (registered as ``hf_text``).
+
+``create(model=..., num_classes=..., pretrained=...)`` builds an ``AutoModelForSequenceClassification``
+from a hub name or a local folder (``pretrained=True`` loads its weights), or from a config alone
+(``pretrained=False``; ``model`` may then be a model type such as ``"bert"`` plus config overrides,
+which is how the tests build tiny models offline). ``utuning.wrap`` accepts such models, and the
+families' base models (``BertModel``...), already built. One adapter serves every family through
+``FAMILIES``, a small table keyed by ``config.model_type``.
+
+Sites (the layers are re-written in ``hf_text_layers``; operations end before residual + LayerNorm)::
+
+    embed                      word/position/type embeddings + LayerNorm; prompts go after [CLS] / <s>
+    blocks.{i}                 a whole encoder layer (DeBERTa block 0 includes the conv layer if any)
+    blocks.{i}.attn            self-attention + output dense + dropout
+    blocks.{i}.mlp             intermediate dense + act + output dense + dropout
+    blocks.{i}.attn.q|k|v|proj query / key / value / attention-output dense
+    blocks.{i}.mlp.fc1|fc2     intermediate dense / output dense
+    norm                       none in post-LN encoders: an identity without parameters, present so
+                               that whole-model patterns (``full_finetune``) fit every backbone
+    head                       HF's sequence-classification head on the final [CLS] state (B, D) -> (B, C)
+
+The head: the operation is the family's own classifier (BERT: pooler + classifier; RoBERTa and
+ELECTRA: ``classifier`` (dense, act, out_proj); DeBERTa: ``ContextPooler`` + classifier), and its
+input, the pooled features, is the final hidden state of the first token. ``linear_probe`` thus
+trains a linear layer on [CLS] in place of that head (the pooler layers, newly initialised for
+most families, are not kept); ``unfreeze`` (``full``) trains the HF head itself. Base models have
+no head: the ``head`` operation returns the pooled [CLS] features.
+
+DeBERTa refuses ``prefix`` (``prefix``, ``prompt_parallel``) and the ``query`` / ``key_value``
+handle features (``p_prefix``, ``p_prompt``): see ``hf_text_layers.DEBERTA_REFUSAL``.
+
+Side tuners read ``intermediates`` from this adapter's own encoder loop rather than HF's
+``output_hidden_states``: in transformers 5 hidden states are recorded by hooks on HF's layer
+classes, which the re-written layers replace, and HF's encoders pass one precomputed mask of the
+input length, which cannot follow prompt tokens that slots insert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from utuning.backbone import Backbone, Features, refuse
+from utuning.backbones.hf_text_layers import (
+    DEBERTA_FEATURE_REFUSAL,
+    DEBERTA_REFUSAL,
+    DebertaLayer,
+    TextLayer,
+    TextOpHandle,
+)
+from utuning.errors import ConfigError, PlacementError, UnknownNameError, closest
+from utuning.handle import LinearHandle, OpHandle
+from utuning.registry import register_backbone
+from utuning.sites import SiteSpec
+from utuning.slot import Slot, remove_tokens
+
+_OP_PLACEMENTS = frozenset({"parallel", "sequential", "unfreeze"})
+_LINEARS = {  # site suffix -> (module path in the layer: BERT-style, DeBERTa)
+    "attn.q": ("attention.self.query", "attention.self.query_proj"),
+    "attn.k": ("attention.self.key", "attention.self.key_proj"),
+    "attn.v": ("attention.self.value", "attention.self.value_proj"),
+    "attn.proj": ("attention.output.dense", "attention.output.dense"),
+    "mlp.fc1": ("intermediate.dense", "intermediate.dense"),
+    "mlp.fc2": ("output.dense", "output.dense"),
+}
+
+
+def _bert_head(m: nn.Module, cls: Tensor) -> Tensor:  # (B, D) -> (B, C)
+    return m.classifier(m.dropout(m.bert.pooler(cls[:, None])))
+
+
+def _deberta_head(m: nn.Module, cls: Tensor) -> Tensor:
+    return m.classifier(m.dropout(m.pooler(cls[:, None])))
+
+
+def _classification_head(m: nn.Module, cls: Tensor) -> Tensor:  # RoBERTa / ELECTRA: dense, act, out_proj
+    return m.classifier(cls[:, None])
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported families."""
+
+    base: type  # the encoder model, e.g. BertModel
+    classifier: type  # its sequence-classification model
+    layer: type  # the HF layer class that is re-written
+    head: Callable[[nn.Module, Tensor], Tensor]  # (classifier model, [CLS] (B, D)) -> logits (B, C)
+    head_modules: tuple[str, ...]  # attributes of the classifier model the head consists of
+    deberta: bool = False
+    config_fields: tuple[str, ...] = ()  # fields the family reads with getattr, absent from its config's dict
+
+
+_DEBERTA_FIELDS = ("attention_head_size", "cls_dropout", "conv_act", "conv_groups", "conv_kernel_size", "embedding_size",
+                   "norm_rel_ebd", "position_buckets", "share_att_key", "pooler_hidden_size")
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family(tf.BertModel, tf.BertForSequenceClassification, tf.models.bert.modeling_bert.BertLayer,
+                   _bert_head, ("bert.pooler", "classifier")),
+    "roberta": Family(tf.RobertaModel, tf.RobertaForSequenceClassification,
+                      tf.models.roberta.modeling_roberta.RobertaLayer, _classification_head, ("classifier",)),
+    "electra": Family(tf.ElectraModel, tf.ElectraForSequenceClassification,
+                      tf.models.electra.modeling_electra.ElectraLayer, _classification_head, ("classifier",)),
+    "deberta-v2": Family(tf.DebertaV2Model, tf.DebertaV2ForSequenceClassification,
+                         tf.models.deberta_v2.modeling_deberta_v2.DebertaV2Layer, _deberta_head,
+                         ("pooler", "classifier"), deberta=True, config_fields=_DEBERTA_FIELDS),
+}
+
+
+class TextEmbedHandle(OpHandle):
+    """The embed site of a backbone with a tokenizer: ``embed_text`` gives label-name embeddings."""
+
+    def __init__(self, modules: dict[str, Any], tokenizer: Any, word_embeddings: nn.Embedding,
+                 project: nn.Module | None) -> None:
+        super().__init__("embed", modules)
+        self.tokenizer = tokenizer
+        self.word_embeddings = word_embeddings
+        self.project = project
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> Tensor:
+        """Mean frozen word embedding of each text's tokens (no special tokens): (L, D).
+
+        Families whose embedding size differs from the hidden size (ELECTRA, some DeBERTa) apply
+        their frozen embedding projection, so the result is in the hidden size."""
+        rows = []
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ConfigError(f"Label name {text!r} tokenizes to no tokens; give a non-empty name")
+            rows.append(self.word_embeddings.weight[torch.tensor(ids, device=self.word_embeddings.weight.device)].mean(0))
+        out = torch.stack(rows)  # (L, E)
+        return self.project(out) if self.project is not None else out  # (L, D)
+
+
+def _family(model: nn.Module) -> Family | None:
+    config = getattr(model, "config", None)
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None or not isinstance(model, (family.base, family.classifier)):
+        return None
+    return family
+
+
+def _check(model: nn.Module, family: Family) -> None:
+    """Everything the re-written forward does not reproduce, refused before anything is modified."""
+    config, name = model.config, type(model).__name__
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise refuse(f"A decoder {name} (is_decoder / add_cross_attention)", "hf_text wraps bidirectional encoders")
+    if getattr(config, "position_embedding_type", None) not in (None, "absolute"):
+        raise refuse(f"position_embedding_type={config.position_embedding_type!r}", "only absolute positions are re-written")
+    base = model.base_model
+    for i, layer in enumerate(base.encoder.layer):
+        if type(layer) is not family.layer:
+            raise refuse(f"encoder.layer.{i} is a {type(layer).__name__}", f"only {family.layer.__name__} is re-written")
+        extra = set(dict(layer.named_children())) - {"attention", "intermediate", "output"}
+        if extra:
+            raise refuse(f"encoder.layer.{i} has extra submodules {sorted(extra)}", "the re-written forward skips them")
+
+
+@register_backbone("hf_text")
+class HFTextBackbone(Backbone):
+    """BERT / RoBERTa / ELECTRA / DeBERTa-v2 encoders with sites embed, blocks.{i}[.attn|.mlp][.q|.k|.v|.proj|
+    .fc1|.fc2], norm, head. ``forward(input_ids, attention_mask=None, token_type_ids=None)`` -> logits (B, C)."""
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        return _family(model) is not None
+
+    @classmethod
+    def create(cls, *, model: str = "bert-base-uncased", num_classes: int | None = None, pretrained: bool = False,
+               tokenizer: bool = True, **config_overrides: Any) -> HFTextBackbone:
+        """Build an ``AutoModelForSequenceClassification`` and wrap it.
+
+        model: a hub name or local folder (its config, weights with ``pretrained=True``, and its
+            tokenizer), or a model type in ``FAMILIES`` (``"bert"``, ``"roberta"``, ``"electra"``,
+            ``"deberta-v2"``) to build from a default config with ``pretrained=False``.
+        num_classes: classifier outputs (``num_labels``); default the config's.
+        tokenizer: load ``AutoTokenizer`` from the same name/folder (never for a bare model type).
+        config_overrides: config fields, e.g. ``hidden_size=32, num_hidden_layers=2``; unknown fields fail.
+        """
+        model, overrides = str(model), dict(config_overrides)
+        if num_classes is not None:
+            overrides["num_labels"] = num_classes
+        from_type = model in FAMILIES and not Path(model).is_dir()
+        if from_type and pretrained:
+            raise ConfigError(f"model={model!r} is a model type, which has no weights; give a hub name or a folder "
+                              "for pretrained=True, or pretrained=False to build from a config")
+        try:
+            base_config = tf.AutoConfig.for_model(model) if from_type else tf.AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Cannot read a config for model={model!r} (hub name, local folder, or one of "
+                              f"{sorted(FAMILIES)}): {e}") from e
+        if base_config.model_type not in FAMILIES:
+            raise UnknownNameError(f"model={model!r} is a {base_config.model_type!r} model; hf_text wraps "
+                                   f"{sorted(FAMILIES)} (closest: {closest(base_config.model_type, FAMILIES)})")
+        known = set(base_config.to_dict()) | {"num_labels"} | set(FAMILIES[base_config.model_type].config_fields)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"Unknown {base_config.model_type} config field {unknown[0]!r}; "
+                              f"did you mean {closest(unknown[0], known)}?")
+        for key, value in overrides.items():
+            setattr(base_config, key, value)
+        if pretrained:
+            # A new num_classes replaces a fine-tuned checkpoint's classifier instead of failing on its shape.
+            net = tf.AutoModelForSequenceClassification.from_pretrained(
+                model, config=base_config, ignore_mismatched_sizes=num_classes is not None)
+        else:
+            net = tf.AutoModelForSequenceClassification.from_config(base_config)
+        tok = None
+        if tokenizer and not from_type:
+            try:
+                tok = tf.AutoTokenizer.from_pretrained(model)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"Cannot load a tokenizer for model={model!r}: {e}; pass tokenizer=False "
+                                  "to build without one") from e
+        return cls(net, tokenizer=tok)
+
+    def __init__(self, model: nn.Module, *, tokenizer: Any = None) -> None:
+        family = _family(model)
+        if family is None:
+            raise refuse(f"A {type(model).__name__}", f"hf_text wraps the {sorted(FAMILIES)} encoders and their "
+                         "*ForSequenceClassification models")
+        _check(model, family)  # all checks before anything is modified
+        super().__init__(model)
+        self.family = family
+        self.tokenizer = tokenizer
+        base = model.base_model
+        self.base = [base]  # plain list: the encoder stays registered under self.model only
+        config = base.config
+        dim = config.hidden_size
+        embed_modules: dict[str, Any] = {"embeddings": base.embeddings}
+        for name in ("embeddings_project",):
+            if hasattr(base, name):
+                embed_modules[name] = getattr(base, name)
+        if family.deberta:
+            embed_modules.update({"rel_embeddings": getattr(base.encoder, "rel_embeddings", None),
+                                  "rel_norm": getattr(base.encoder, "LayerNorm", None)})
+        embed_modules = {k: v for k, v in embed_modules.items() if v is not None}
+        features = frozenset({"embed_text"}) if tokenizer is not None else frozenset()
+        spec = SiteSpec("embed", "embed", dim, frozenset({"prompt", "unfreeze"}), prefix_tokens=1, features=features)
+        if tokenizer is not None:
+            emb = base.embeddings
+            project = getattr(base, "embeddings_project", None) or getattr(emb, "embed_proj", None)
+            self.add_site(spec, TextEmbedHandle(embed_modules, tokenizer, emb.word_embeddings, project))
+        else:
+            self.add_site(spec, OpHandle("embed", embed_modules))
+        layers = base.encoder.layer
+        for i, layer in enumerate(layers):
+            slots = self._layer_slots(i, layer)
+            if family.deberta:
+                conv = base.encoder.conv if i == 0 else None
+                layers[i] = DebertaLayer(layer, slots, base.encoder, conv)
+            else:
+                layers[i] = TextLayer(layer, slots)
+        self.add_site(SiteSpec("norm", "norm", dim, frozenset({"unfreeze"})), OpHandle("norm", {}))
+        is_classifier = isinstance(model, family.classifier)
+        head_modules = {n: model.get_submodule(n) for n in family.head_modules} if is_classifier else {}
+        out_dim = config.num_labels if is_classifier else dim
+        self.add_site(SiteSpec("head", "head", dim, frozenset({"replace", "unfreeze"}), out_dim=out_dim),
+                      OpHandle("head", head_modules))
+
+    def _layer_slots(self, i: int, layer: nn.Module) -> dict[str, Slot]:
+        s, dim, deberta = layer.attention.self, self.model.config.hidden_size, self.family.deberta
+        p = f"blocks.{i}"
+        common: dict[str, Any] = {"layer": i, "num_heads": s.num_attention_heads, "head_dim": s.attention_head_size,
+                                  "prefix_tokens": 1}
+        if deberta:
+            common["refused"] = {"prefix": DEBERTA_REFUSAL, **DEBERTA_FEATURE_REFUSAL}
+        else:
+            common["features"] = frozenset({"query", "key_value"})
+        attn_places = _OP_PLACEMENTS if deberta else _OP_PLACEMENTS | {"prefix"}
+
+        def handle(site: str, modules: dict[str, Any]) -> OpHandle:
+            return OpHandle(site, modules) if deberta else TextOpHandle(site, modules, s)
+
+        mods_attn = {"attention": layer.attention}
+        mods_mlp = {"intermediate": layer.intermediate, "output": layer.output}
+        mods_block = {**mods_attn, **mods_mlp}
+        conv = getattr(self.base[0].encoder, "conv", None) if deberta and i == 0 else None
+        if conv is not None:
+            mods_block["conv"] = conv
+        slots = {
+            "block": self.add_site(SiteSpec(p, "block", dim, _OP_PLACEMENTS | {"prompt"}, **common),
+                                   handle(p, mods_block)),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, attn_places, **common),
+                                  handle(f"{p}.attn", mods_attn)),
+            "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, _OP_PLACEMENTS, **common),
+                                 handle(f"{p}.mlp", mods_mlp)),
+        }
+        for name, paths in _LINEARS.items():
+            lin = layer.get_submodule(paths[deberta])
+            spec = SiteSpec(f"{p}.{name}", "linear", lin.in_features, frozenset({"reparam", "unfreeze"}),
+                            out_dim=lin.out_features, layer=i, info={"split": 1})
+            slots[name] = self.add_site(spec, LinearHandle(spec.name, lin))
+        return slots
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    # Running ----------------------------------------------------------------------------
+    def _mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, N) = "
+                              f"{tuple(input_ids.shape)} like input_ids (True / 1 for real tokens)")
+        return attention_mask.bool()
+
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+                layers: list[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """Final hidden states (B, N, D), the mask (B, N) and the chosen blocks' outputs, kept prompts removed."""
+        base, n = self.base[0], input_ids.shape[1]
+        mask = self._mask(input_ids, attention_mask)
+        if self.family.deberta:
+            x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=mask)
+        else:
+            x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if hasattr(base, "embeddings_project"):
+            x = base.embeddings_project(x)
+        x, m = self.slot("embed").around(x, lambda t, _: t, mask)  # (B, N [+P], D)
+        wanted, outs = set(layers), {}
+        for i, layer in enumerate(base.encoder.layer):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: tuners inside the layer get gradients though frozen inputs need none.
+                x, m = checkpoint(layer, x, m, use_reentrant=False)
+            else:
+                x, m = layer(x, m)
+            if i in wanted:
+                outs[i] = self._strip(x, n)
+        x = self.slot("norm").apply(self._strip(x, n), lambda t, _: t)
+        return x, mask, outs
+
+    @staticmethod
+    def _strip(x: Tensor, n_tokens: int) -> Tensor:
+        # Prompts kept past their block (prompt at embed) sit right after [CLS].
+        return remove_tokens(x, x.shape[1] - n_tokens, 1)[0]
+
+    def _head(self, cls: Tensor) -> Tensor:  # (B, D) -> (B, C)
+        if isinstance(self.model, self.family.classifier):
+            return self.slot("head").apply(cls, lambda t, _: self.family.head(self.model, t))
+        return self.slot("head").apply(cls, lambda t, _: t)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:  # (B, N) -> (B, C)
+        x, _, _ = self._encode(input_ids, attention_mask, token_type_ids)
+        return self._head(x[:, 0])
+
+    def intermediates(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None, *, layers: list[int]) -> Features:
+        """Outputs (B, N, D) of the chosen blocks, the final states, pooled [CLS] (B, D) and the mask."""
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise PlacementError(f"Layer {bad[0]} does not exist; this encoder has blocks 0..{self.num_layers - 1}")
+        x, mask, outs = self._encode(input_ids, attention_mask, token_type_ids, list(layers))
+        return Features({i: outs[i] for i in sorted(set(layers))}, x, x[:, 0], mask, {"prefix_tokens": 1})
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> dict[str, Tensor]:
+        """Random token ids with [CLS]-like first token; every second row is padded (3 tokens fewer)."""
+        config = self.model.config
+        g = torch.Generator().manual_seed(0)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+        ids[ids == pad] = (pad + 1) % config.vocab_size
+        cls_id = getattr(self.tokenizer, "cls_token_id", None)
+        if cls_id is not None:
+            ids[:, 0] = cls_id
+        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+        mask[1::2, seq_len - 3:] = 0
+        ids = ids.masked_fill(mask == 0, pad)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+# A tiny config for offline checks and benchmarks: ``create(model="bert", pretrained=False, **TINY)``.
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "vocab_size": 100, "max_position_embeddings": 64}

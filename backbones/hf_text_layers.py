@@ -1,0 +1,157 @@
+"""Encoder layers of Hugging Face BERT-style models re-written with operation slots.
+
+BERT, RoBERTa, ELECTRA and DeBERTa-v2/v3 are post-LN encoders. Their layers are re-written as
+``TextLayer`` (``DebertaLayer`` for the disentangled attention), keeping the frozen submodules
+``attention``, ``intermediate`` and ``output`` under their original names, so the state-dict keys
+of the HF model do not change::
+
+    x = attention.output.LayerNorm(x + attn_op(x))   # attn_op = self-attention, dense, dropout
+    x = output.LayerNorm(x + mlp_op(x))              # mlp_op  = dense, act, dense, dropout
+
+The operations end *before* the residual add and LayerNorm, so a parallel tuner's output is
+added there (He et al. 2022, arXiv 2110.04366, Sec. 3). Linear sites inside them: ``attn.q``,
+``attn.k``, ``attn.v`` (query/key/value), ``attn.proj`` (attention output dense), ``mlp.fc1``
+(intermediate dense) and ``mlp.fc2`` (output dense).
+
+Every operation takes ``(x, mask)``: x (B, N, D) and the padding mask (B, N) bool, True for real
+tokens (prompt tokens inserted by a slot are real). Padded keys are never attended to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from utuning.attention import attend, merge_heads, split_heads
+from utuning.handle import OpHandle
+from utuning.slot import Slot
+
+DEBERTA_REFUSAL = (
+    "DeBERTa's disentangled attention scores every key by its relative position to the query "
+    "(c2p/p2c terms); learned prefix keys have no position, so their attention is not defined by the "
+    "frozen model (use prompt, which inserts real tokens, or a parallel adapter)"
+)
+#: Why DeBERTa sites offer no frozen query / key-value projections to parallel attention tuners.
+DEBERTA_FEATURE_REFUSAL = {
+    "query": "DeBERTa's attention adds relative-position terms (c2p/p2c) to every query-key score, so attention "
+             "of its content query over learned position-free keys is not the frozen model's attention",
+    "key_value": "prompt tokens projected as DeBERTa keys would have no relative position for the c2p/p2c terms",
+}
+
+
+class TextOpHandle(OpHandle):
+    """A layer operation: its frozen modules, and the layer's frozen query/key/value projections.
+
+    The models are post-LN, so an operation's input enters the projections directly (no pre-norm)."""
+
+    def __init__(self, site: str, modules: dict[str, Any], attn_self: nn.Module) -> None:
+        super().__init__(site, modules)
+        self.attn_self = attn_self
+
+    def query(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, H, N, Dh)
+        return split_heads(self.attn_self.query(x), self.attn_self.num_attention_heads)
+
+    def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, D) -> two (B, H, P, Dh)
+        s = self.attn_self
+        return split_heads(s.key(tokens), s.num_attention_heads), split_heads(s.value(tokens), s.num_attention_heads)
+
+
+class TextLayer(nn.Module):
+    """A BERT / RoBERTa / ELECTRA encoder layer with operation slots."""
+
+    def __init__(self, layer: nn.Module, slots: dict[str, Slot]) -> None:
+        super().__init__()
+        self.attention = layer.attention
+        self.intermediate = layer.intermediate
+        self.output = layer.output
+        self.slots = slots  # plain dict: the slots are registered once, in the backbone adapter
+        self.train(layer.training)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:  # (B, N, D), (B, N) bool
+        return self.slots["block"].around(x, self._block, mask)
+
+    def _block(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.attention.output.LayerNorm(x + self.slots["attn"].apply(x, self._attn_op, mask))
+        return self.output.LayerNorm(x + self.slots["mlp"].apply(x, self._mlp_op, mask))
+
+    def _attn_op(self, x: Tensor, mask: Tensor) -> Tensor:
+        s, slots = self.attention.self, self.slots
+        h = s.num_attention_heads
+        q = split_heads(slots["attn.q"].linear(x, s.query), h)  # (B, H, N, Dh)
+        k = split_heads(slots["attn.k"].linear(x, s.key), h)
+        v = split_heads(slots["attn.v"].linear(x, s.value), h)
+        prefixes, decomposed = slots["attn"].prefixes(x.shape[0])
+        drop = s.dropout.p if s.dropout.training else 0.0  # HF's own dropout module sets the mode
+        o = attend(q, k, v, key_mask=mask, prefixes=prefixes, decomposed=decomposed, dropout_p=drop,
+                   scale=s.attention_head_size ** -0.5)
+        out = self.attention.output
+        return out.dropout(slots["attn.proj"].linear(merge_heads(o), out.dense))  # (B, N, D)
+
+    def _mlp_op(self, x: Tensor, mask: Tensor) -> Tensor:
+        i, o = self.intermediate, self.output
+        h = i.intermediate_act_fn(self.slots["mlp.fc1"].linear(x, i.dense))  # (B, N, D_ff)
+        return o.dropout(self.slots["mlp.fc2"].linear(h, o.dense))
+
+
+class DebertaLayer(TextLayer):
+    """A DeBERTa-v2/v3 layer: disentangled attention (He et al. 2021, arXiv 2006.03654, Eq. 4)::
+
+        A_ij = (q_i·k_j + q_i·k^r_{δ(i,j)} + k_j·q^r_{δ(j,i)}) / sqrt(3·Dh)    (c2p, p2c terms)
+
+    Relative positions are those of the tokens entering the layer (inserted prompt tokens
+    included). With ``share_att_key`` the position embeddings go through the query/key sites, so
+    LoRA and the other reparam tuners act on both terms and merge exactly. Block 0 also holds the
+    encoder's convolution layer when the model has one (DeBERTa-v2 xlarge), as HF applies it there.
+    """
+
+    def __init__(self, layer: nn.Module, slots: dict[str, Slot], encoder: nn.Module, conv: nn.Module | None) -> None:
+        super().__init__(layer, slots)
+        # Plain lists: the encoder and its conv layer are not children (no state-dict keys twice).
+        self.encoder = [encoder]
+        self.conv = [conv] if conv is not None else []
+
+    def _block(self, x: Tensor, mask: Tensor) -> Tensor:
+        y = super()._block(x, mask)
+        for conv in self.conv:
+            y = conv(x, y, mask.to(x.dtype))  # masks padded tokens, as HF does after layer 0
+        return y
+
+    def _attn_op(self, x: Tensor, mask: Tensor) -> Tensor:
+        s, slots = self.attention.self, self.slots
+        h = s.num_attention_heads
+        q = split_heads(slots["attn.q"].linear(x, s.query_proj), h)  # (B, H, N, Dh)
+        k = split_heads(slots["attn.k"].linear(x, s.key_proj), h)
+        v = split_heads(slots["attn.v"].linear(x, s.value_proj), h)
+        factor = 1 + ("c2p" in s.pos_att_type) + ("p2c" in s.pos_att_type)
+        scale = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
+        scores = q @ (k.transpose(-1, -2) / scale)  # (B, H, N, N)
+        if s.relative_attention:
+            scores = scores + self._relative_scores(q, k, scale)
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(q.dtype).min)
+        probs = s.dropout(scores.softmax(dim=-1))
+        out = self.attention.output
+        return out.dropout(slots["attn.proj"].linear(merge_heads(probs @ v), out.dense))  # (B, N, D)
+
+    def _relative_scores(self, q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+        s, slots, enc = self.attention.self, self.slots, self.encoder[0]
+        span = s.pos_ebd_size
+        rel = s.pos_dropout(enc.get_rel_embedding())[: 2 * span][None]  # (1, 2S, D)
+        rel_pos = build_relative_position(q, k, bucket_size=s.position_buckets, max_position=s.max_relative_positions)
+        rel_pos = rel_pos[0]  # (N, N): i - j, log-bucketed
+        heads, (b, _, n, _) = s.num_attention_heads, q.shape
+        score = 0
+        if "c2p" in s.pos_att_type:
+            pos_k = slots["attn.k"].linear(rel, s.key_proj) if s.share_att_key else s.pos_key_proj(rel)
+            c2p = q @ split_heads(pos_k, heads).transpose(-1, -2)  # (B, H, N, 2S)
+            idx = torch.clamp(rel_pos + span, 0, 2 * span - 1).expand(b, heads, n, n)
+            score = score + torch.gather(c2p, -1, idx) / scale
+        if "p2c" in s.pos_att_type:
+            pos_q = slots["attn.q"].linear(rel, s.query_proj) if s.share_att_key else s.pos_query_proj(rel)
+            p2c = k @ split_heads(pos_q, heads).transpose(-1, -2)  # (B, H, N_k, 2S)
+            idx = torch.clamp(-rel_pos + span, 0, 2 * span - 1).expand(b, heads, n, n)
+            score = score + torch.gather(p2c, -1, idx).transpose(-1, -2) / scale
+        return score  # (B, H, N, N)

@@ -1,0 +1,251 @@
+"""The frozen-feature cache: hits, misses, invalidation, corruption, partial entries,
+augmentation refusal, and training from the cache equal to training on live features."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import utuning
+from tests.helpers import tiny_vit
+from tests.test_side_tuners import CountingViT, StubText
+from utuning.cache import FeatureCache, random_augmentation
+from utuning.errors import CacheError
+
+
+class Images(Dataset):
+    """Ten 32x32 images with labels; ``transform`` applied in ``__getitem__``."""
+
+    def __init__(self, n: int = 10, seed: int = 0, transform=None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.transform = transform
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        x = self.x[i]
+        return (self.transform(x) if self.transform is not None else x), self.y[i]
+
+
+class Fingerprinted(Images):
+    version = "v1"
+
+    def fingerprint(self) -> str:
+        return f"images-{self.version}"
+
+
+def side_model(seed: int = 0, **args) -> utuning.TunedModel:
+    torch.manual_seed(seed)
+    return utuning.tune(CountingViT(tiny_vit(depth=2)),
+                        [("ytuning", "blocks.*", {"num_labels": 3, "dropout": 0.0, **args})])
+
+
+def entries(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_build_then_hit_without_running_the_backbone(tmp_path):
+    model, data = side_model(), Images()
+    cached = FeatureCache(tmp_path, shard_size=4).dataset(model, data, batch_size=3)
+    assert model.backbone.calls == 4 and len(cached) == 10  # ceil(10 / 3) batches
+    manifest = json.loads((tmp_path / cached.key / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+    shard = load_file(str(tmp_path / cached.key / manifest["shards"][0]["file"]))
+    assert shard["layer.0"].shape == (4, 17, 32) and shard["pooled"].shape == (4, 32)
+    assert manifest["shards"][0]["tensors"]["layer.1"] == {"shape": [4, 17, 32], "dtype": "torch.float32"}
+
+    model.backbone.calls = 0
+    again = FeatureCache(tmp_path).dataset(model, data, batch_size=3)
+    assert model.backbone.calls == 0 and again.key == cached.key and entries(tmp_path) == [cached.key]
+
+    feats, target = cached.collate([cached[i] for i in (8, 1, 9)])  # across shards
+    with torch.no_grad():
+        live = model.backbone.intermediates(data.x[[8, 1, 9]], layers=[0, 1])
+    for i in (0, 1):
+        torch.testing.assert_close(feats.layers[i], live.layers[i])
+    torch.testing.assert_close(feats.pooled, live.pooled)
+    assert torch.equal(target, data.y[[8, 1, 9]]) and feats.extra == {"prefix_tokens": 1}
+
+
+def test_training_from_the_cache_equals_training_on_live_features(tmp_path):
+    data = Images(n=8)
+
+    def train(use_cache: bool) -> list[float]:
+        model = side_model(seed=3).train()
+        opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+        if use_cache:
+            cached = FeatureCache(tmp_path).dataset(model, data, batch_size=8)
+            batches = [(model.side_forward, f) for f, _ in DataLoader(cached, batch_size=4, collate_fn=cached.collate)]
+            model.backbone.calls = 0
+        else:
+            batches = [(lambda x, m=model: m(pixel_values=x), data.x[i:i + 4]) for i in (0, 4)]
+        losses = []
+        for _ in range(3):
+            for (fn, inputs), start in zip(batches, (0, 4)):
+                loss = F.cross_entropy(fn(inputs), data.y[start:start + 4])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        if use_cache:
+            assert model.backbone.calls == 0
+        assert all(p.grad is None for p in model.backbone.parameters())
+        return losses
+
+    live, cached = train(False), train(True)
+    assert len(set(live)) > 1  # it trains
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), atol=1e-5, rtol=1e-5)
+
+
+def test_any_change_gives_a_new_entry(tmp_path):
+    cache = FeatureCache(tmp_path)
+    model, data = side_model(), Images()
+    base = cache.dataset(model, data, batch_size=5).key
+    keys = {base, cache.dataset(model, data, batch_size=5, layers=[1]).key}
+    data.x[3, 0, 0, 0] += 1.0  # data
+    keys.add(cache.dataset(model, data, batch_size=5).key)
+    data.transform = transforms.Normalize([0.5] * 3, [0.2] * 3)  # transform
+    keys.add(cache.dataset(model, data, batch_size=5).key)
+    data.transform = None
+    data.x[3, 0, 0, 0] -= 1.0
+    with torch.no_grad():
+        model.backbone.model.blocks[1].mlp.fc2.bias[0] += 0.1  # backbone weights
+    keys.add(cache.dataset(model, data, batch_size=5).key)
+    assert len(keys) == 5 and len(entries(tmp_path)) == 5 and cache.builds == 5
+
+
+def test_dataset_fingerprint_replaces_sample_hashing(tmp_path):
+    model, data = side_model(), Fingerprinted()
+    cache = FeatureCache(tmp_path)
+    first = cache.dataset(model, data, batch_size=10)
+    assert data.reads == 10  # read once, to build; not to hash
+    data.reads = 0
+    assert cache.dataset(model, data, batch_size=10).key == first.key and data.reads == 0
+    data.version = "v2"
+    assert cache.dataset(model, data, batch_size=10).key != first.key
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("flip", "sha256"),
+    ("complete", "COMPLETE"),
+    ("shard", "missing"),
+    ("manifest", "manifest"),
+])
+def test_damaged_entries_are_rebuilt(tmp_path, damage, match):
+    model, data = side_model(), Images()
+    clean = FeatureCache(tmp_path, shard_size=4).dataset(model, data, batch_size=5)
+    reference = clean.collate([clean[i] for i in range(10)])
+    path = tmp_path / clean.key
+    shard = path / "shard-00001.safetensors"
+    if damage == "flip":
+        raw = bytearray(shard.read_bytes())
+        raw[-5] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    elif damage == "complete":
+        (path / "COMPLETE").unlink()
+    elif damage == "shard":
+        shard.unlink()
+    else:
+        (path / "manifest.json").write_text("{not json")
+    cache = FeatureCache(tmp_path, shard_size=4)
+    with pytest.warns(UserWarning, match=match):
+        rebuilt = cache.dataset(model, data, batch_size=5)
+    assert cache.builds == 1 and rebuilt.key == clean.key
+    feats, target = rebuilt.collate([rebuilt[i] for i in range(10)])
+    torch.testing.assert_close(feats.layers[1], reference[0].layers[1], rtol=0, atol=0)
+    assert torch.equal(target, reference[1])
+
+
+@pytest.mark.parametrize("transform, name", [
+    (transforms.Compose([transforms.RandomHorizontalFlip()]), "RandomHorizontalFlip"),
+    (transforms.RandomApply([transforms.ColorJitter(0.2)]), "RandomApply"),
+    (transforms.Compose([transforms.Normalize([0.0] * 3, [1.0] * 3), transforms.RandAugment()]), "RandAugment"),
+    (transforms.TrivialAugmentWide(), "TrivialAugmentWide"),
+])
+def test_random_augmentation_is_refused(tmp_path, transform, name):
+    data = Images(transform=transform)
+    assert random_augmentation(data) == name
+    with pytest.raises(CacheError, match=f"{name}.*cache_augmented_views=True"):
+        FeatureCache(tmp_path).dataset(side_model(), data, batch_size=5)
+    assert entries(tmp_path) == []  # refused before anything is written
+
+
+def test_augmented_flag_and_opt_in_caches_fixed_views(tmp_path):
+    flagged = Images()
+    flagged.augmented = True
+    with pytest.raises(CacheError, match="augmented=True"):
+        FeatureCache(tmp_path).dataset(side_model(), flagged, batch_size=5)
+
+    data = Images(transform=transforms.RandomHorizontalFlip())
+    model, cache = side_model(), FeatureCache(tmp_path)
+    first = cache.dataset(model, data, batch_size=5, cache_augmented_views=True)
+    second = cache.dataset(model, data, batch_size=5, cache_augmented_views=True)
+    assert cache.builds == 1 and first.key == second.key  # the seeded views hash the same every run
+    views = torch.stack([first[i][0].pooled for i in range(10)])
+    plain = Images()
+    with torch.no_grad():
+        unflipped = model.backbone.intermediates(plain.x, layers=[0, 1]).pooled
+        flipped = model.backbone.intermediates(plain.x.flip(-1), layers=[0, 1]).pooled
+    each = [torch.allclose(v, a, atol=1e-5) or torch.allclose(v, b, atol=1e-5) for v, a, b in zip(views, unflipped, flipped)]
+    assert all(each)
+    assert cache.dataset(model, data, batch_size=5, cache_augmented_views=True, view_seed=1).key != first.key
+
+
+def test_linear_probe_can_cache_but_in_backbone_tuners_cannot(tmp_path):
+    probe = utuning.tune(CountingViT(tiny_vit()), [("linear_probe", "head", {"num_classes": 3})])
+    cached = FeatureCache(tmp_path).dataset(probe, Images(), batch_size=5)
+    feats, _ = cached.collate([cached[0], cached[1]])
+    assert feats.layers == {} and feats.pooled.shape == (2, 32)
+    lora = utuning.tune(CountingViT(tiny_vit()), [("lora", "blocks.*.attn.qkv", {})])
+    with pytest.raises(CacheError, match="inside the backbone"):
+        FeatureCache(tmp_path).dataset(lora, Images(), batch_size=5)
+
+
+class Sentences(Dataset):
+    """Token sequences of different lengths with per-token labels (dict items)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.items = [torch.randint(1, 50, (n,), generator=g) for n in (3, 6, 4, 2, 5)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ids = self.items[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": ids % 4}
+
+
+def pad_batch(items):
+    n = max(len(it["input_ids"]) for it in items)
+
+    def pad(key, fill):
+        return torch.stack([F.pad(it[key], (0, n - len(it[key])), value=fill) for it in items])
+
+    return {"input_ids": pad("input_ids", 0), "attention_mask": pad("attention_mask", False), "labels": pad("labels", -100)}
+
+
+def test_text_features_of_different_lengths(tmp_path):
+    torch.manual_seed(0)
+    model = utuning.tune(StubText(), [("ytuning", "blocks.*", {"task": "labelling", "num_labels": 4})]).eval()
+    data = Sentences()
+    cached = FeatureCache(tmp_path, shard_size=3).dataset(model, data, batch_size=2, collate_fn=pad_batch)
+    feats, labels = cached.collate([cached[i] for i in (4, 1, 3)])
+    live = pad_batch([data[i] for i in (4, 1, 3)])
+    assert feats.layers[0].shape == (3, 6, 16) and torch.equal(feats.mask, live["attention_mask"])
+    assert torch.equal(labels, live["labels"])  # per-token targets padded with -100
+    with torch.no_grad():
+        expected = model(input_ids=live["input_ids"], attention_mask=live["attention_mask"])
+        got = model.side_forward(feats)
+    torch.testing.assert_close(got[feats.mask], expected[feats.mask], atol=1e-5, rtol=1e-5)

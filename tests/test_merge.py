@@ -1,0 +1,122 @@
+"""Reparameterisation tuners (LoRA, SSF, BitFit) fold into the frozen linear layers exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import utuning
+from tests.helpers import one_thread, randomize_tuners, tiny_vit  # noqa: F401 (one_thread: fixture)
+from utuning.tuner import Tuner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXACT = {"atol": 1e-10, "rtol": 0}
+
+
+@utuning.register_tuner("test_unmergeable_scale")
+class UnmergeableScale(Tuner):
+    """A reparam tuner without ``merge`` (test only): ``y = y * w``."""
+
+    placement = "reparam"
+    site_kinds = frozenset({"linear"})
+    paper = "https://arxiv.org/abs/2210.08823"
+
+    def __init__(self, site, *, init: float = 1.0) -> None:
+        super().__init__(site)
+        self.w = nn.Parameter(torch.full((site.out_dim,), init))
+
+    def forward(self, x: Tensor, y: Tensor, op) -> Tensor:
+        return y * self.w
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ref = tiny_vit(depth=2).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    return ref, x
+
+
+def _frozen(tuned):
+    return {k: v.clone() for k, v in tuned.backbone.model.state_dict().items()}
+
+
+SPECS = {
+    "lora": [("lora", "blocks.*.attn.qkv", {"rank": 2, "parts": ["q", "v"]}), ("lora", "blocks.*.mlp.fc2", {"rank": 3})],
+    "ssf": [("ssf", "blocks.*.*.*", {})],
+    "bitfit": [("bitfit", "blocks.*.*.*", {})],
+    # Several reparam tuners on one layer: the merges compose in attachment order.
+    "lora+ssf+bitfit": [("lora", "blocks.*.mlp.fc1", {"rank": 2}), ("ssf", "blocks.*.mlp.fc1", {}),
+                        ("bitfit", "blocks.*.mlp.fc1", {}), ("p_adapter", "blocks.*.mlp", {"hidden": 4})],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_merge_equals_unmerged_float64(setup, name):
+    ref, x = setup
+    tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)), SPECS[name]).double().eval()
+    randomize_tuners(tuned, std=0.3)
+    frozen = _frozen(tuned)
+    state = tuned.tuner_state_dict()
+    with torch.no_grad():
+        unmerged = tuned(pixel_values=x)
+        tuned.merge()
+        assert all(a.tuner.merged for a in tuned.attached() if a.tuner.placement == "reparam")
+        merged = tuned(pixel_values=x)
+        torch.testing.assert_close(merged, unmerged, **EXACT)
+        changed = [k for k, v in tuned.backbone.model.state_dict().items() if not torch.equal(v, frozen[k])]
+        assert changed and all(".attn.qkv." in k or ".mlp.fc" in k or ".attn.proj." in k for k in changed)
+        # Merged: the frozen layers alone (tuners switched off) give the tuned outputs.
+        tuned.merge()  # idempotent
+        torch.testing.assert_close(tuned(pixel_values=x), unmerged, **EXACT)
+        tuned.unmerge()
+        torch.testing.assert_close(tuned(pixel_values=x), unmerged, **EXACT)
+    for k, v in tuned.backbone.model.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], atol=1e-12, rtol=0)
+    assert all(torch.equal(v, state[k]) for k, v in tuned.tuner_state_dict().items())
+
+
+def test_load_while_merged_fails(setup):
+    ref, _ = setup
+    tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)), SPECS["lora"]).double()
+    state = tuned.tuner_state_dict()
+    tuned.merge()
+    with pytest.raises(utuning.StateDictError, match=r"Unmerge the tuners before loading"):
+        tuned.load_tuner_state_dict(state)
+
+
+def test_merge_of_unmergeable_tuner_fails_and_rolls_back(setup):
+    ref, x = setup
+    specs = [("lora", "blocks.*.attn.qkv", {"rank": 2}), ("test_unmergeable_scale", "blocks.1.mlp.fc1", {"init": 0.5})]
+    tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)), specs).double().eval()
+    randomize_tuners(tuned)
+    frozen = _frozen(tuned)
+    with torch.no_grad():
+        before = tuned(pixel_values=x)
+        with pytest.raises(utuning.PlacementError, match=r"'test_unmergeable_scale' cannot be merged"):
+            tuned.merge()
+        assert not any(a.tuner.merged for a in tuned.attached())
+        assert all(torch.equal(v, frozen[k]) for k, v in tuned.backbone.model.state_dict().items())
+        torch.testing.assert_close(tuned(pixel_values=x), before, **EXACT)
+
+
+def test_bias_free_layer_cannot_take_merged_bitfit():
+    vit = tiny_vit(qkv_bias=False).double().eval()
+    tuned = utuning.tune(utuning.wrap(vit), [("lora", "blocks.0.mlp.fc1", {}), ("bitfit", "blocks.0.attn.qkv", {})])
+    randomize_tuners(tuned)
+    frozen = _frozen(tuned)
+    with pytest.raises(utuning.PlacementError, match=r"bitfit cannot merge into 'blocks.0.attn.qkv': .*no bias"):
+        tuned.merge()
+    for k, v in tuned.backbone.model.state_dict().items():  # rolled back (up to rounding)
+        torch.testing.assert_close(v, frozen[k], atol=1e-12, rtol=0)
+
+
+def test_merge_ignores_non_reparam_tuners(setup):
+    ref, x = setup
+    tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("p_adapter", "blocks.*.attn", {"hidden": 2})]).double()
+    frozen = _frozen(tuned)
+    tuned.merge()
+    assert all(torch.equal(v, frozen[k]) for k, v in tuned.backbone.model.state_dict().items())

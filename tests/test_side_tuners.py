@@ -1,0 +1,261 @@
+"""Side tuners (Y-Tuning, Res-Tuning-Bypass): outputs, heads, losses, a gradient-free backbone,
+and one shared backbone pass for several side tuners."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import utuning
+from tests.helpers import assert_only_tuner_grads, randomize_tuners, tiny_vit, vit_backbone
+from utuning.backbone import Backbone, Features
+from utuning.backbones.vit import ViTBackbone
+from utuning.errors import ConfigError, PlacementError
+from utuning.handle import OpHandle
+from utuning.sites import SiteSpec
+from utuning.tuners.ytuning import SpanLogits, labelling_loss, span_loss
+
+
+class CountingViT(ViTBackbone):
+    """A ViT backbone that counts its ``intermediates`` calls."""
+
+    calls = 0
+
+    def intermediates(self, pixel_values, *, layers):
+        self.calls += 1
+        return super().intermediates(pixel_values, layers=layers)
+
+
+class StubEmbedHandle(OpHandle):
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__("embed", {"embedding": embedding})
+        self.embedding = embedding
+
+    def embed_text(self, names: list[str]) -> torch.Tensor:  # (L, D): mean of character embeddings
+        ids = [torch.tensor([ord(c) % self.embedding.num_embeddings for c in n]) for n in names]
+        return torch.stack([self.embedding(i).mean(0) for i in ids])
+
+
+class StubText(Backbone):
+    """A tiny text encoder with the text backbone contract (until backbones/hf_text.py lands):
+    ``intermediates(input_ids, attention_mask, *, layers)`` with ``Features.mask`` (B, N) bool."""
+
+    name = "stub_text"
+
+    def __init__(self, dim: int = 16, depth: int = 2, vocab: int = 50) -> None:
+        model = nn.ModuleDict({
+            "embed": nn.Embedding(vocab, dim),
+            "blocks": nn.ModuleList(nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True)
+                                    for _ in range(depth)),
+        })
+        super().__init__(model)
+        self.add_site(SiteSpec("embed", "embed", dim, frozenset({"unfreeze"})), StubEmbedHandle(model["embed"]))
+        for i in range(depth):
+            self.add_site(SiteSpec(f"blocks.{i}", "block", dim, frozenset({"unfreeze"}), layer=i, num_heads=2,
+                                   head_dim=dim // 2), OpHandle(f"blocks.{i}"))
+
+    def intermediates(self, input_ids, attention_mask, *, layers):
+        x = self.model["embed"](input_ids)
+        out = {}
+        for i, block in enumerate(self.model["blocks"]):
+            x = block(x, src_key_padding_mask=~attention_mask.bool())
+            out[i] = x
+        return Features({i: out[i] for i in layers}, x, x[:, 0], attention_mask.bool())
+
+
+def text_inputs(b: int = 3, n: int = 7) -> dict:
+    ids = torch.randint(1, 50, (b, n))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pixels(b: int = 2) -> dict:
+    return {"pixel_values": torch.randn(b, 3, 32, 32)}
+
+
+def test_ytuning_classification_on_vit_trains_only_the_side():
+    tuned = utuning.tune(vit_backbone(depth=3), [("ytuning", "blocks.*", {"num_labels": 5, "dropout": 0.0})])
+    out = tuned.eval()(**pixels())
+    assert out.shape == (2, 5)
+    assert tuned.side["ytuning"].layers == [0, 1, 2]
+    assert_only_tuner_grads(tuned, pixels())
+    assert all(p.grad is None for p in tuned.backbone.parameters())
+
+
+@pytest.mark.parametrize("spec", [
+    ("ytuning", "blocks.{1..2}", {"num_labels": 4, "fusion": "mixture", "depth": 1}),
+    ("bypass", "blocks.*", {"num_classes": 4}),
+    ("bypass", "blocks.*", {"num_classes": 4, "lateral": "prefix", "vertical": "prefix", "tokens": 3}),
+])
+def test_side_tuners_give_every_tuner_parameter_a_gradient(spec):
+    tuned = utuning.tune(vit_backbone(depth=3), [spec])
+    randomize_tuners(tuned)
+    assert_only_tuner_grads(tuned, pixels())
+
+
+def test_backbone_runs_without_autograd_graph():
+    """No tensor of the backbone pass is saved for backward, and the output's graph reaches only
+    tuner parameters: the saved tensors of ``model(x)`` are exactly those of ``side_forward``."""
+    tuned = utuning.tune(vit_backbone(depth=2), [("bypass", "blocks.*", {"num_classes": 3})]).train()
+    x = pixels()
+    feats = tuned.backbone.intermediates(**x, layers=tuned.side_layers)
+    assert not any(t.requires_grad for t in [*feats.layers.values(), feats.final, feats.pooled])
+
+    def saved(fn):
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(tuple(t.shape)) or t, lambda t: t):
+            out = fn()
+        return out, count
+
+    out, live = saved(lambda: tuned(**x))
+    _, side = saved(lambda: tuned.side_forward(feats.detach()))
+    assert live == side and len(live) > 0
+
+    leaves, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    assert leaves and leaves <= {id(p) for p in tuned.trainable_parameters()}
+    assert not leaves & {id(p) for p in tuned.backbone.parameters()}
+    out.sum().backward()
+    assert all(p.grad is None for p in tuned.backbone.parameters())
+
+
+def test_bypass_starts_as_the_frozen_model():
+    vit = tiny_vit(num_classes=6)
+    x = pixels()
+    with torch.no_grad():
+        ref = vit.eval()(x["pixel_values"])
+    tuned = utuning.tune(ViTBackbone(vit), [("bypass", "blocks.*", {"num_classes": 6})]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(**x), ref, atol=1e-5, rtol=0)
+
+
+def test_two_side_tuners_share_one_backbone_pass():
+    specs = [{"name": "ytuning", "at": "blocks.*", "args": {"num_labels": 3}, "key": "a"},
+             {"name": "bypass", "at": "blocks.1", "args": {"num_classes": 4}, "key": "b"}]
+    both = utuning.tune(CountingViT(tiny_vit()), specs).eval()
+    randomize_tuners(both)
+    x = pixels()
+    with torch.no_grad():
+        out = both(**x)
+    assert both.backbone.calls == 1 and set(out) == {"a", "b"}
+    for spec in specs:
+        single = utuning.tune(CountingViT(tiny_vit()), [{**spec, "key": None}]).eval()
+        only = next(iter(single.side.values()))
+        only.load_state_dict(both.side[spec["key"]].state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(single(**x), out[spec["key"]])
+        assert single.backbone.calls == 1
+
+
+def test_key_padding_mask_is_respected_and_labelling_loss():
+    torch.manual_seed(0)
+    tuned = utuning.tune(StubText(), [("ytuning", "blocks.*", {"task": "labelling", "num_labels": 5})]).eval()
+    x = text_inputs()
+    with torch.no_grad():
+        scores = tuned(**x)
+        feats = tuned.backbone.intermediates(**x, layers=[0, 1])
+        noisy = Features({i: t.masked_fill(~x["attention_mask"][..., None], 7.0) for i, t in feats.layers.items()},
+                         feats.final, feats.pooled, feats.mask)
+        again = tuned.side_forward(noisy)
+    assert scores.shape == (3, 7, 5)
+    real = x["attention_mask"]
+    torch.testing.assert_close(again[real], scores[real])  # padding changes nothing at real tokens
+    labels = torch.randint(0, 5, (3, 7)).masked_fill(~real, -100)
+    expected = F.cross_entropy(scores[real], labels[real])
+    torch.testing.assert_close(labelling_loss(scores, labels), expected)
+
+
+def test_span_head_shapes_masking_and_loss():
+    tuned = utuning.tune(StubText(), [("ytuning", "blocks.1", {"task": "span"})])
+    x = text_inputs()
+    logits = tuned(**x)
+    assert isinstance(logits, SpanLogits) and logits.start.shape == logits.end.shape == (3, 7)
+    assert (logits.start[~x["attention_mask"]] == torch.finfo(logits.start.dtype).min).all()
+    starts, ends = torch.tensor([0, 1, 1]), torch.tensor([3, 3, 1])
+    loss = span_loss(logits, starts, ends)
+    expected = (F.cross_entropy(logits.start, starts) + F.cross_entropy(logits.end, ends)) / 2
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is None for p in tuned.backbone.parameters())
+
+
+def test_classification_and_label_name_init_on_text():
+    names = ["negative", "positive", "neutral"]
+    tuned = utuning.tune(StubText(), [("ytuning", "blocks.*", {"label_names": names})])
+    embed = tuned.backbone.slot("embed").handle
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.side["ytuning"].labels, embed.embed_text(names))
+    assert tuned(**text_inputs()).shape == (3, 3)
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    (("ytuning", "blocks.*.attn", {"num_labels": 2}), PlacementError, "whole blocks"),
+    (("ytuning", "blocks.*", {}), ConfigError, "num_labels or label_names"),
+    (("ytuning", "blocks.*", {"task": "span", "num_labels": 3}), ConfigError, "exactly two labels"),
+    (("ytuning", "blocks.*", {"num_labels": 2, "depth": 5}), ConfigError, "one decoder layer per chosen block"),
+    (("ytuning", "blocks.*", {"num_labels": 2, "task": "classify"}), ConfigError, "did you mean"),
+    (("ytuning", "blocks.*", {"label_names": ["a", "b"]}), ConfigError, "embed_text"),
+    (("bypass", "blocks.*", {"num_classes": 2, "lateral": "lora"}), ConfigError, "lateral='lora'"),
+    (("bypass", "blocks.*", {}), ConfigError, "num_classes"),
+])
+def test_side_tuner_errors(spec, error, match):
+    with pytest.raises(error, match=match):
+        utuning.tune(vit_backbone(), [spec])
+
+
+class CharTokenizer:
+    """A stand-in tokenizer (offline): one id per character."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [5 + ord(c) % 50 for c in text]}
+
+
+@pytest.mark.parametrize("spec", [
+    ("ytuning", "blocks.*", {"label_names": ["negative", "positive", "neutral"]}),
+    ("ytuning", "blocks.*", {"task": "labelling", "num_labels": 4, "fusion": "mixture"}),
+    ("ytuning", "blocks.1", {"task": "span"}),
+    ("bypass", "blocks.*", {"num_classes": 3, "pool": "mean"}),
+])
+def test_side_tuners_on_a_tiny_bert(spec):
+    from tests.text_helpers import extra_padding, padded_inputs, tiny_text_model
+    from utuning.backbones.hf_text import HFTextBackbone
+
+    backbone = HFTextBackbone(tiny_text_model("bert"), tokenizer=CharTokenizer())
+    tuned = utuning.tune(backbone, [spec]).eval()
+    side = next(iter(tuned.side.values()))
+    if "label_names" in spec[2]:
+        embed = backbone.slot("embed").handle
+        torch.testing.assert_close(side.labels.detach(), embed.embed_text(spec[2]["label_names"]))
+    x = padded_inputs(backbone)
+    real = x["attention_mask"].bool()
+    out = tuned(**x)
+    b, n = real.shape
+    shapes = {"classification": (b, 3), "labelling": (b, n, 4)}
+    if isinstance(out, SpanLogits):
+        assert out.start.shape == (b, n) and (out.end[~real] == torch.finfo(out.end.dtype).min).all()
+        loss = span_loss(out, torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long))
+    else:
+        assert out.shape == shapes.get(getattr(side, "task", "classification"))
+        loss = out.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is None for p in tuned.backbone.parameters())
+    assert all(p.grad is not None for p in tuned.trainable_parameters())
+    # Longer padding changes nothing: the key padding mask is respected.
+    with torch.no_grad():
+        longer = tuned(**extra_padding(x, 0))
+    first = out.start if isinstance(out, SpanLogits) else out
+    second = longer.start if isinstance(longer, SpanLogits) else longer
+    if first.shape[:2] == (b, n):  # per-token outputs: compare the real tokens
+        first, second = first[real], second[:, :n][real]
+    torch.testing.assert_close(second, first.detach(), atol=1e-5, rtol=1e-5)

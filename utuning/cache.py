@@ -1,0 +1,451 @@
+"""Frozen features computed once and stored on disk, for side tuners and the linear probe.
+
+A side tuner (Y-Tuning, Res-Tuning-Bypass) or a linear probe trains on features of a backbone
+that never changes, so they can be computed once and reused by later epochs and runs::
+
+    cache = FeatureCache("~/.cache/utuning/features")
+    train = cache.dataset(model, train_set, batch_size=64, device="cuda")   # builds or reuses
+    loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=train.collate)
+    for feats, target in loader:                     # feats: utuning.Features, target: collated labels
+        loss = criterion(model.side_forward(feats.to(device)), target)
+
+``dataset`` items are ``(inputs, target)`` pairs (``inputs`` a tensor passed positionally, or a
+dict of tensors passed as keyword arguments to ``backbone.intermediates``), or dicts whose
+target keys are ``labels``/``label``/``start_positions``/``end_positions``. An item of the
+returned ``CachedFeatureDataset`` is ``(Features of one sample, target)``; its ``collate``
+stacks them back into a ``Features`` batch (padding sequences of different lengths, mask False).
+
+Entries live in ``root/<key>/``: safetensors shards of ``shard_size`` samples, ``manifest.json``
+(shapes, dtypes, per-shard sha256, the fingerprint parts) and ``COMPLETE`` (the manifest's
+sha256), each written to a temporary file and moved with ``os.replace``; ``COMPLETE`` last.
+The key is a sha256 of: the backbone weights (every frozen tensor), the layers read, the data
+(``dataset.fingerprint()`` if it exists, else a hash of every sample as the dataset returns it)
+and the transform (``repr`` of ``dataset.transform``), so any change gives a new entry. An entry
+that is partial (no ``COMPLETE``, a missing shard) or corrupt (checksum mismatch, unreadable) is
+reported with a warning and rebuilt, never used.
+
+Random augmentation (torchvision ``Random*``, ``RandAugment``, ``AutoAugment``,
+``TrivialAugmentWide``, ``AugMix``, ``ColorJitter``, ``RandomErasing``, or ``dataset.augmented =
+True``) would be frozen into the cache, so it is refused with a ``CacheError`` unless
+``cache_augmented_views=True``: then ONE augmented view per sample is drawn with the random
+generators seeded by ``view_seed`` (the same views on every run) and stored; every epoch sees
+those fixed views.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from utuning.backbone import Features
+from utuning.errors import CacheError
+
+FORMAT = 1
+TARGET_KEYS = ("labels", "label", "start_positions", "end_positions")
+AUGMENTATIONS = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "ColorJitter", "RandomErasing",
+                 "ElasticTransform", "GaussianNoise")
+
+
+# Fingerprints --------------------------------------------------------------------------
+def _update(h: Any, value: Any) -> None:
+    """Feed a sample (tensors, arrays, numbers, strings, images, containers) into a hash."""
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            h.update(repr(k).encode())
+            _update(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _update(h, v)
+        h.update(b"]")
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        h.update(repr(value).encode())
+    elif hasattr(value, "tobytes") and hasattr(value, "size"):  # PIL images
+        h.update(f"I{getattr(value, 'mode', '')}{value.size}".encode())
+        h.update(value.tobytes())
+    else:
+        raise CacheError(
+            f"Cannot fingerprint a dataset sample part of type {type(value).__name__}; give the dataset a "
+            "fingerprint() method returning a string that changes whenever its data does"
+        )
+
+
+def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """sha256 over every frozen tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        _update(h, state[name])
+    return h.hexdigest()
+
+
+def _chain(dataset: Any) -> Iterator[Any]:
+    """The dataset and the datasets it wraps (``Subset.dataset`` ...)."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        yield dataset
+        dataset, seen = getattr(dataset, "dataset", None), seen + 1
+
+
+def transform_repr(dataset: Any) -> str:
+    return " | ".join(repr(getattr(d, "transform", None)) for d in _chain(dataset))
+
+
+def _transforms(t: Any, depth: int = 0) -> Iterator[Any]:
+    if t is None or depth > 8:
+        return
+    yield t
+    for attr in ("transforms", "transform"):
+        inner = getattr(t, attr, None)
+        if isinstance(inner, (list, tuple, torch.nn.ModuleList)):
+            for x in inner:
+                yield from _transforms(x, depth + 1)
+        elif inner is not None and inner is not t:
+            yield from _transforms(inner, depth + 1)
+
+
+def random_augmentation(dataset: Any) -> str | None:
+    """The name of the first random augmentation in the dataset's transforms, if any."""
+    for d in _chain(dataset):
+        if getattr(d, "augmented", False):
+            return f"{type(d).__name__}.augmented=True"
+        for t in _transforms(getattr(d, "transform", None)):
+            name = type(t).__name__
+            if name.startswith("Random") or name in AUGMENTATIONS:
+                return name
+    return None
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch, numpy and ``random`` inside, and restore their states after."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+# Samples -----------------------------------------------------------------------------------
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, target)`` from a collated batch (a pair, or a dict with target keys)."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        target = {k: v for k, v in batch.items() if k in TARGET_KEYS}
+        return inputs, (next(iter(target.values())) if len(target) == 1 else target or None)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise CacheError(f"Cannot split a batch of type {type(batch).__name__} into (inputs, target); "
+                     "return (inputs, target) pairs or dicts with a 'labels' key")
+
+
+def _flat_target(target: Any) -> dict[str, Tensor]:
+    if target is None:
+        return {}
+    if isinstance(target, Mapping):
+        return {f"target.{k}": torch.as_tensor(v) for k, v in target.items()}
+    return {"target": torch.as_tensor(target)}
+
+
+IGNORE_INDEX = -100  # per-token integer targets are padded with it (cross entropy's ignore_index)
+
+
+def _pad(t: Tensor, n: int, dim: int = 1, fill: float = 0) -> Tensor:
+    """Pad ``t`` along ``dim`` to length ``n`` (features with 0, masks with False)."""
+    if t.shape[dim] >= n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    return torch.cat([t, t.new_full(shape, fill)], dim=dim)
+
+
+def _fill(key: str, t: Tensor) -> float:
+    return IGNORE_INDEX if key.startswith("target") and not t.is_floating_point() else 0
+
+
+def _pack(feats: Features, target: Any) -> dict[str, Tensor]:
+    out = {f"layer.{i}": t for i, t in feats.layers.items()}
+    out.update(final=feats.final, pooled=feats.pooled)
+    if feats.mask is not None:
+        out["mask"] = feats.mask.bool()
+    out.update(_flat_target(target))
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    out = {}
+    for k in parts[0]:
+        ts = [p[k] for p in parts]
+        if ts[0].dim() >= 2 and len({t.shape[1] for t in ts}) > 1:
+            n = max(t.shape[1] for t in ts)  # sequences of different lengths: pad, mask False
+            ts = [_pad(t, n, 1, _fill(k, t)) for t in ts]
+        out[k] = torch.cat(ts)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CachedFeatureDataset(Dataset):
+    """Items ``(Features of one sample, target)``; batch them with ``collate`` (``collate_fn``)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path, self.manifest = Path(path), manifest
+        self.key = manifest["key"]
+        self.layers = list(manifest["layers"])
+        self.extra = dict(manifest.get("extra", {}))
+        self._offsets = np.cumsum([0] + [s["count"] for s in manifest["shards"]])
+        self._loaded: dict[int, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _shard(self, j: int) -> dict[str, Tensor]:
+        if j not in self._loaded:  # checksums were verified when the entry was opened
+            self._loaded[j] = load_file(str(self.path / self.manifest["shards"][j]["file"]))
+        return self._loaded[j]
+
+    def __getitem__(self, index: int) -> tuple[Features, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} cached samples")
+        index %= len(self)
+        j = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        row = {k: v[index - self._offsets[j]] for k, v in self._shard(j).items()}
+        feats = Features({i: row[f"layer.{i}"] for i in self.layers}, row["final"], row["pooled"], row.get("mask"),
+                         dict(self.extra))
+        targets = {k.removeprefix("target."): v for k, v in row.items() if k.startswith("target.")}
+        return feats, row["target"] if "target" in row else (targets or None)
+
+    def collate(self, items: Sequence[tuple[Features, Any]]) -> tuple[Features, Any]:
+        """Stack single-sample features into a ``Features`` batch (pad to the longest, mask False;
+        per-token integer targets are padded with ``IGNORE_INDEX``)."""
+        feats = [f for f, _ in items]
+        n = max(f.final.shape[0] for f in feats)
+
+        def stack(ts: list[Tensor], fill: float = 0) -> Tensor:  # (N, ...) each -> (B, N, ...)
+            return torch.stack([_pad(t, n, 0, fill) for t in ts])
+
+        batch = Features({i: stack([f.layers[i] for f in feats]) for i in self.layers}, stack([f.final for f in feats]),
+                         torch.stack([f.pooled for f in feats]),
+                         None if feats[0].mask is None else stack([f.mask for f in feats]), dict(self.extra))
+        return batch, _collate_targets([t for _, t in items])
+
+
+def _collate_targets(targets: list[Any]) -> Any:
+    if targets[0] is None:
+        return None
+    if isinstance(targets[0], Mapping):
+        return {k: _collate_targets([t[k] for t in targets]) for k in targets[0]}
+    if isinstance(targets[0], Tensor) and targets[0].dim() >= 1 and len({t.shape[0] for t in targets}) > 1:
+        n = max(t.shape[0] for t in targets)
+        return torch.stack([_pad(t, n, 0, _fill("target", t)) for t in targets])
+    return default_collate(targets)
+
+
+class FeatureCache:
+    """Frozen features on disk under ``root``, one entry per fingerprint (see the module docs).
+
+    ``shard_size``: samples per safetensors shard; ``dtype``: storage dtype (e.g. ``torch.float16``
+    to halve the disk use; part of the key), None keeps the backbone's.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, shard_size: int = 1024, dtype: torch.dtype | None = None) -> None:
+        if shard_size < 1:
+            raise CacheError(f"shard_size={shard_size!r} must be >= 1")
+        self.root = Path(root).expanduser()
+        self.shard_size, self.dtype = shard_size, dtype
+        self.builds = 0  # entries built by this object (hits do not count)
+
+    # Keys ---------------------------------------------------------------------------------
+    def fingerprint(self, model: Any, dataset: Any, *, layers: Sequence[int] | None = None,
+                    cache_augmented_views: bool = False, view_seed: int = 0) -> dict[str, Any]:
+        """The parts the key hashes; refuses models whose features depend on trainable tuners and,
+        unless ``cache_augmented_views``, datasets with random augmentation."""
+        if not model.reads_features_only():
+            specs = model.backbone.site_specs()
+            inside = [a.key for a in model.attached() if a.handle is not None and specs[a.sites[0]].kind != "head"]
+            raise CacheError(f"Tuners inside the backbone ({inside[:3]}) change its features during training, so "
+                             "they cannot be cached; only side tuners and head tuners (linear probe) can use the cache")
+        aug = random_augmentation(dataset)
+        if aug and not cache_augmented_views:
+            raise CacheError(
+                f"Dataset {type(dataset).__name__} uses random augmentation ({aug}); caching would freeze one "
+                "random view per sample. Remove it for cached training, or pass cache_augmented_views=True to "
+                "cache fixed augmented views"
+            )
+        parts = {
+            "format": FORMAT,
+            "backbone": f"{type(model.backbone).__name__}:{weights_fingerprint(model.backbone.frozen_state_dict())}",
+            "layers": sorted(model.side_layers if layers is None else {int(i) for i in layers}),
+            "transform": transform_repr(dataset),
+            "dtype": str(self.dtype),
+            "augmented_views": view_seed if aug else None,
+        }
+        fp = getattr(dataset, "fingerprint", None)
+        if callable(fp):
+            parts["data"] = f"fingerprint:{fp()}"
+        else:
+            h = hashlib.sha256()
+            with seeded(view_seed) if aug else contextlib.nullcontext():
+                for i in range(len(dataset)):
+                    _update(h, dataset[i])
+            parts["data"] = f"samples:{len(dataset)}:{h.hexdigest()}"
+        return parts
+
+    @staticmethod
+    def key_of(parts: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    # Entries ------------------------------------------------------------------------------
+    def dataset(self, model: Any, dataset: Any, *, batch_size: int = 64, collate_fn: Callable | None = None,
+                device: str | torch.device = "cpu", layers: Sequence[int] | None = None,
+                cache_augmented_views: bool = False, view_seed: int = 0) -> CachedFeatureDataset:
+        """The cached features of ``dataset`` under ``model``'s frozen backbone: reused when a valid
+        entry exists, (re)built otherwise. ``layers`` defaults to ``model.side_layers``."""
+        parts = self.fingerprint(model, dataset, layers=layers, cache_augmented_views=cache_augmented_views,
+                                 view_seed=view_seed)
+        key = self.key_of(parts)
+        path = self.root / key
+        manifest = self._open(path)
+        if manifest is None:
+            manifest = self._build(model, dataset, parts, key, batch_size=batch_size, collate_fn=collate_fn,
+                                   device=device)
+        return CachedFeatureDataset(path, manifest)
+
+    def _open(self, path: Path) -> dict[str, Any] | None:
+        """The manifest of a complete, intact entry; None (with a warning) otherwise."""
+        if not path.exists():
+            return None
+        try:
+            raw = (path / "manifest.json").read_bytes()
+            if not (path / "COMPLETE").is_file():
+                raise CacheError("no COMPLETE marker (a build was interrupted)")
+            if (path / "COMPLETE").read_text().strip() != hashlib.sha256(raw).hexdigest():
+                raise CacheError("COMPLETE does not match manifest.json")
+            manifest = json.loads(raw)
+            for shard in manifest["shards"]:
+                file = path / shard["file"]
+                if not file.is_file():
+                    raise CacheError(f"shard {shard['file']} is missing")
+                if _sha256(file) != shard["sha256"]:
+                    raise CacheError(f"shard {shard['file']} fails its sha256 check")
+            return manifest
+        except (OSError, ValueError, KeyError, CacheError) as e:
+            warnings.warn(f"Feature cache entry {str(path)!r} is unusable ({e}); rebuilding it", stacklevel=3)
+            return None
+
+    @torch.no_grad()
+    def _build(self, model: Any, dataset: Any, parts: dict[str, Any], key: str, *, batch_size: int,
+               collate_fn: Callable | None, device: str | torch.device) -> dict[str, Any]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}.tmp-"))
+        backbone, was_training = model.backbone, model.backbone.training
+        backbone.eval()  # features of the frozen model as it is evaluated (no dropout)
+        shards: list[dict[str, Any]] = []
+        pending: list[dict[str, Tensor]] = []
+        extra: dict[str, Any] = {}
+        try:
+            collate = collate_fn or default_collate
+            # A plain loop, not a DataLoader: a DataLoader draws from the global generator, which
+            # would shift the seeded augmented views away from the ones the fingerprint hashed.
+            loader = (collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+                      for i in range(0, len(dataset), batch_size))
+            with seeded(int(parts["augmented_views"])) if parts["augmented_views"] is not None else contextlib.nullcontext():
+                for batch in loader:
+                    inputs, target = split_batch(batch)
+                    inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) \
+                        else inputs.to(device)
+                    feats = backbone.intermediates(**inputs, layers=parts["layers"]) if isinstance(inputs, Mapping) \
+                        else backbone.intermediates(inputs, layers=parts["layers"])
+                    # Scalar extras (e.g. prefix_tokens) go to the manifest; tensors in ``extra`` are not cached.
+                    extra = {k: v for k, v in feats.extra.items() if isinstance(v, (bool, int, float, str))}
+                    packed = _pack(feats, target)
+                    if self.dtype is not None:
+                        packed = {k: v.to(self.dtype) if v.is_floating_point() and not k.startswith("target") else v
+                                  for k, v in packed.items()}
+                    pending.append(packed)
+                    while sum(len(p["pooled"]) for p in pending) >= self.shard_size:
+                        pending = self._flush(tmp, shards, pending, self.shard_size)
+            if pending:
+                self._flush(tmp, shards, pending, None)
+            manifest = {"format": FORMAT, "key": key, "fingerprint": parts, "layers": parts["layers"],
+                        "extra": extra, "num_samples": sum(s["count"] for s in shards), "shards": shards}
+            raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            _write_atomic(tmp / "manifest.json", raw)
+            _write_atomic(tmp / "COMPLETE", hashlib.sha256(raw).hexdigest().encode())  # written last
+            path = self.root / key
+            if path.exists():  # the damaged entry this build replaces
+                shutil.rmtree(path)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process finished the same entry first: use it if it is intact
+                if self._open(path) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            backbone.train(was_training)
+        self.builds += 1
+        return manifest
+
+    @staticmethod
+    def _flush(tmp: Path, shards: list[dict[str, Any]], pending: list[dict[str, Tensor]],
+               size: int | None) -> list[dict[str, Tensor]]:
+        """Write one shard of ``size`` samples (all pending if None); return what is left."""
+        data = _concat(pending)
+        n = len(data["pooled"]) if size is None else size
+        head = {k: v[:n].contiguous() for k, v in data.items()}
+        rest = {k: v[n:] for k, v in data.items()}
+        name = f"shard-{len(shards):05d}.safetensors"
+        fd, part = tempfile.mkstemp(dir=tmp, prefix=f".{name}.")
+        os.close(fd)
+        save_file(head, part)
+        os.replace(part, tmp / name)
+        shards.append({"file": name, "count": n, "sha256": _sha256(tmp / name),
+                       "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in head.items()}})
+        return [rest] if len(rest["pooled"]) else []

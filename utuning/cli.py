@@ -1,0 +1,289 @@
+"""The ``utuning`` command: train, evaluate, check, inspect and compare recipes.
+
+    utuning train recipes/vision/cifar100/dual_u_tuner.yaml train.epochs=3
+    utuning check recipes/**/*.yaml --tiny
+    utuning inspect recipes/vision/cifar100/vpt_deep.yaml --json
+    utuning list tuners
+    utuning report runs/ --out report.png
+
+Exit codes: 0 success, 2 a bad recipe or argument (``ConfigError``), 1 any other ``UtuningError``
+(printed without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from utuning.errors import ConfigError, UtuningError
+
+EPILOG = "Overrides are KEY=VALUE pairs over any recipe key, e.g. train.epochs=3 tuners.0.args.hidden=16."
+
+
+def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments: recipe paths, and overrides (those with '=')."""
+    paths = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return paths, overrides
+
+
+def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
+    paths, overrides = _split(args.items)
+    if len(paths) != 1:
+        raise ConfigError(f"Give exactly one recipe file (and KEY=VALUE overrides), got {paths or 'none'}")
+    return paths[0], overrides + list(args.set or [])
+
+
+def _load(path: str, overrides: list[str], tiny: bool = False):
+    from utuning.config import load_recipe
+
+    return load_recipe(path, overrides, tiny=tiny)
+
+
+# Commands ---------------------------------------------------------------------------------
+def _engine():
+    try:
+        from utuning import engine
+    except ModuleNotFoundError as e:
+        if e.name != "utuning.engine":
+            raise
+        raise UtuningError("The training engine (utuning.engine) is not installed in this build") from e
+    return engine
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train = _engine().train
+
+    path, overrides = _one_recipe(args)
+    recipe = _load(path, overrides, args.tiny)
+    summary = train(recipe, resume=args.resume)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    evaluate = _engine().evaluate
+
+    path, overrides = _one_recipe(args)
+    if not Path(args.checkpoint).exists():
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} does not exist")
+    recipe = _load(path, overrides, args.tiny)
+    print(json.dumps(evaluate(recipe, checkpoint=args.checkpoint), indent=2, default=str))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate each recipe and build its model; every failure is listed, then the worst exit code."""
+    import torch
+
+    from utuning.config import build_model
+
+    paths, overrides = _split(args.items)
+    overrides += list(args.set or [])
+    if not paths:
+        raise ConfigError("Give at least one recipe file")
+    status = 0
+    for path in paths:
+        try:
+            recipe = _load(path, overrides, args.tiny)
+            model = build_model(recipe, pretrained=None if args.weights else False).eval()
+            with torch.no_grad():
+                model(**model.backbone.example_inputs(batch_size=2))
+        except UtuningError as e:
+            print(f"FAIL {path}: {e}", file=sys.stderr)
+            status = max(status, _code(e))
+            continue
+        tunable, total = model.num_parameters()
+        print(f"ok   {path}: {recipe.name}, {len(model.attached())} tuners, "
+              f"{tunable:,} / {total:,} tunable ({tunable / max(total, 1):.4%})")
+    return status
+
+
+def _structure(recipe: Any, weights: bool):
+    """The recipe's model; without weights it is built on the meta device (no memory, no time)."""
+    import torch
+
+    from utuning.config import build_model
+
+    if weights:
+        return build_model(recipe)
+    with torch.device("meta"):
+        return build_model(recipe, pretrained=False)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path, overrides = _one_recipe(args)
+    recipe = _load(path, overrides, args.tiny)
+    model = _structure(recipe, args.weights)
+    tunable, total = model.num_parameters()
+    if args.json:
+        out = {"recipe": path, "name": recipe.name, "backbone": recipe.backbone.model, "sites": model.summary(),
+               "tunable": tunable, "total": total, "percent": 100 * tunable / max(total, 1)}
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{recipe.name}: {recipe.backbone.name} {recipe.backbone.model}")
+        print(model.format_summary())
+    return 0
+
+
+def _tuner_rows() -> list[dict[str, Any]]:
+    import inspect
+
+    from utuning.registry import TUNERS
+
+    rows = []
+    for name in TUNERS:
+        cls = TUNERS.get(name)
+        hp = {k: ("<required>" if v is inspect.Parameter.empty else v) for k, v in cls.hyperparameters().items()}
+        rows.append({"name": name, "placement": cls.placement, "site_kinds": sorted(cls.site_kinds) or ["any"],
+                     "requires": sorted(cls.requires), "paper": cls.paper, "hyperparameters": hp})
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from utuning.registry import BACKBONES, COMPOSITIONS
+
+    if args.what == "tuners":
+        rows = _tuner_rows()
+        if args.json:
+            print(json.dumps(rows, indent=2, default=repr))
+            return 0
+        for r in rows:
+            hp = ", ".join(f"{k}={v!r}" for k, v in r["hyperparameters"].items())
+            print(f"{r['name']:<18} {r['placement']:<10} sites: {','.join(r['site_kinds']):<22} {r['paper']}")
+            print(f"{'':<18} {hp or '(no hyperparameters)'}")
+    elif args.what == "backbones":
+        for name in BACKBONES:
+            doc = (BACKBONES.get(name).__doc__ or "").strip().splitlines()
+            print(f"{name:<12} {doc[0] if doc else ''}")
+    elif args.what == "compositions":
+        for name in COMPOSITIONS:
+            doc = (COMPOSITIONS.get(name).__doc__ or "").strip().splitlines()
+            print(f"{name:<18} {doc[0] if doc else ''}")
+    else:
+        if not args.target:
+            raise ConfigError("list sites needs a backbone name or a recipe file, e.g. `utuning list sites vit`")
+        backbone = _sites_backbone(args.target, args.tiny)
+        rows = [{"site": s.name, "kind": s.kind, "dim": s.dim, "out_dim": s.out_dim,
+                 "placements": sorted(s.placements), "features": sorted(s.features)}
+                for s in backbone.site_specs().values()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['site']:<24} {r['kind']:<7} {r['dim']:>5} -> {r['out_dim']:<6} {','.join(r['placements'])}"
+                  + (f"  [{','.join(r['features'])}]" if r["features"] else ""))
+    return 0
+
+
+def _sites_backbone(target: str, tiny: bool):
+    """A backbone from a recipe file (its model) or a registered backbone name (its defaults)."""
+    import torch
+
+    from utuning.backbone import build_backbone
+    from utuning.registry import BACKBONES
+
+    if target in BACKBONES:
+        if tiny:
+            raise ConfigError("--tiny applies to recipe files (their backbone.tiny section), not to backbone names")
+        with torch.device("meta"):
+            return build_backbone(target)
+    if not Path(target).is_file():
+        from utuning.errors import closest
+
+        raise ConfigError(f"{target!r} is neither a recipe file nor a backbone; backbones: "
+                          f"{list(BACKBONES)} (closest: {closest(target, BACKBONES)})")
+    return _structure(_load(target, [], tiny), weights=False).backbone
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from utuning.report import collect, format_table, plot
+
+    rows = collect(args.runs)
+    print(format_table(rows))
+    if args.out:
+        plot(rows, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+# Parser -----------------------------------------------------------------------------------
+def _recipe_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE",
+                   help=("recipe YAML file(s)" if many else "a recipe YAML file") + ", then KEY=VALUE overrides")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
+    p.add_argument("--tiny", action="store_true",
+                   help="swap the backbone for the small offline model of the recipe's backbone.tiny section")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="utuning", description="Parameter-efficient transfer learning recipes "
+                                     "(frozen operations plus unified tuners).", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a recipe", description="Train a recipe; the run directory "
+                       "(output.dir) gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/.", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a tuner checkpoint of a recipe.",
+                       epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="tuner checkpoint file or run directory")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("check", help="validate recipes and build their models",
+                       description="Validate each recipe, build its backbone and tuners and run one small forward "
+                       "pass, without data or training. Exit 2 if any recipe is invalid.", epilog=EPILOG)
+    _recipe_args(p, many=True)
+    p.add_argument("--weights", action="store_true",
+                   help="load the pretrained weights (default: random init, nothing downloaded)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("inspect", help="tuners and tunable parameters per site",
+                       description="Per-site table of the recipe's tuners and tunable parameters (built without "
+                       "weights on the meta device, so even large models take no memory).", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (sites, tunable, total, percent)")
+    p.add_argument("--weights", action="store_true", help="build with the pretrained weights")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("list", help="registered tuners, backbones, compositions, or a model's sites",
+                       description="List registered tuners (placement, site kinds, paper, hyperparameters and "
+                       "defaults), backbones, compositions, or the sites of a backbone or recipe.")
+    p.add_argument("what", choices=["tuners", "backbones", "compositions", "sites"])
+    p.add_argument("target", nargs="?", metavar="BACKBONE_OR_RECIPE", help="for `sites`: a backbone name or recipe")
+    p.add_argument("--json", action="store_true", help="print JSON (tuners, sites)")
+    p.add_argument("--tiny", action="store_true", help="for `sites` of a recipe: its tiny backbone")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("report", help="compare finished runs",
+                       description="Table of the finished runs under RUNS_DIR (each with a summary.json): name, "
+                       "method, tunable parameters, share, best and final metric, time; optionally a plot of "
+                       "the metric against tunable parameters (log x).")
+    p.add_argument("runs", metavar="RUNS_DIR")
+    p.add_argument("--out", metavar="PNG", help="write the plot here, e.g. report.png")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _code(e: UtuningError) -> int:
+    return 2 if isinstance(e, ConfigError) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UtuningError as e:
+        print(f"utuning {args.command}: error: {e}", file=sys.stderr)
+        return _code(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
