@@ -344,15 +344,15 @@ class HFTextBackbone(Backbone):
         # Prompts kept past their block (prompt at embed) sit right after [CLS].
         return remove_tokens(x, x.shape[1] - n_tokens, 1)[0]
 
-    def _head(self, cls: Tensor) -> Tensor:  # (B, D) -> (B, C)
+    def head(self, pooled: Tensor) -> Tensor:  # (B, D) -> (B, C)
         if isinstance(self.model, self.family.classifier):
-            return self.slot("head").apply(cls, lambda t, _: self.family.head(self.model, t))
-        return self.slot("head").apply(cls, lambda t, _: t)
+            return self.slot("head").apply(pooled, lambda t, _: self.family.head(self.model, t))
+        return self.slot("head").apply(pooled, lambda t, _: t)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:  # (B, N) -> (B, C)
         x, _, _ = self._encode(input_ids, attention_mask, token_type_ids)
-        return self._head(x[:, 0])
+        return self.head(x[:, 0])
 
     def intermediates(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       token_type_ids: Tensor | None = None, *, layers: list[int]) -> Features:

@@ -116,3 +116,16 @@ def test_console_script_smoke() -> None:
                           text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "train.precision: unknown precision 'fp8'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_validates_every_recipe_before_training(tmp_path, capsys):
+    """Several recipes: a bad one anywhere fails before the first one trains (nothing written)."""
+    from utuning import cli
+
+    good = Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "lora.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [" + str(good) + "]\ntrain:\n  epoch: 2\n")
+    code = cli.main(["train", str(good), str(bad), f"output.dir={tmp_path}/run", "--tiny"])
+    assert code == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

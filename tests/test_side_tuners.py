@@ -15,7 +15,7 @@ from utuning.backbones.vit import ViTBackbone
 from utuning.errors import ConfigError, PlacementError
 from utuning.handle import OpHandle
 from utuning.sites import SiteSpec
-from utuning.tuners.ytuning import SpanLogits, labelling_loss, span_loss
+from utuning.tuners.ytuning import labelling_loss, span_loss
 
 
 class CountingViT(ViTBackbone):
@@ -180,11 +180,11 @@ def test_span_head_shapes_masking_and_loss():
     tuned = utuning.tune(StubText(), [("ytuning", "blocks.1", {"task": "span"})])
     x = text_inputs()
     logits = tuned(**x)
-    assert isinstance(logits, SpanLogits) and logits.start.shape == logits.end.shape == (3, 7)
-    assert (logits.start[~x["attention_mask"]] == torch.finfo(logits.start.dtype).min).all()
+    assert logits.shape == (3, 7, 2)  # start scores [..., 0], end scores [..., 1]
+    assert (logits[~x["attention_mask"]] == torch.finfo(logits.dtype).min).all()
     starts, ends = torch.tensor([0, 1, 1]), torch.tensor([3, 3, 1])
-    loss = span_loss(logits, starts, ends)
-    expected = (F.cross_entropy(logits.start, starts) + F.cross_entropy(logits.end, ends)) / 2
+    loss = span_loss(logits, torch.stack([starts, ends], dim=1))
+    expected = (F.cross_entropy(logits[..., 0], starts) + F.cross_entropy(logits[..., 1], ends)) / 2
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert all(p.grad is None for p in tuned.backbone.parameters())
@@ -242,9 +242,9 @@ def test_side_tuners_on_a_tiny_bert(spec):
     out = tuned(**x)
     b, n = real.shape
     shapes = {"classification": (b, 3), "labelling": (b, n, 4)}
-    if isinstance(out, SpanLogits):
-        assert out.start.shape == (b, n) and (out.end[~real] == torch.finfo(out.end.dtype).min).all()
-        loss = span_loss(out, torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long))
+    if getattr(side, "task", None) == "span":
+        assert out.shape == (b, n, 2) and (out[~real] == torch.finfo(out.dtype).min).all()
+        loss = span_loss(out, torch.tensor([[0, 1]] * b))
     else:
         assert out.shape == shapes.get(getattr(side, "task", "classification"))
         loss = out.float().pow(2).mean()
@@ -254,8 +254,18 @@ def test_side_tuners_on_a_tiny_bert(spec):
     # Longer padding changes nothing: the key padding mask is respected.
     with torch.no_grad():
         longer = tuned(**extra_padding(x, 0))
-    first = out.start if isinstance(out, SpanLogits) else out
-    second = longer.start if isinstance(longer, SpanLogits) else longer
+    first, second = out, longer
     if first.shape[:2] == (b, n):  # per-token outputs: compare the real tokens
         first, second = first[real], second[:, :n][real]
     torch.testing.assert_close(second, first.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_head_tuners_beside_side_tuners_are_refused():
+    import utuning
+    from tests.helpers import vit_backbone
+
+    backbone = vit_backbone()
+    with pytest.raises(utuning.PlacementError, match="would never run"):
+        utuning.tune(backbone, [{"name": "ytuning", "at": "blocks.*", "args": {"num_labels": 3}},
+                                {"name": "linear_probe", "at": "head"}])
+    assert all(len(s) == 0 for s in backbone.slots.values())

@@ -10,7 +10,7 @@ labels attend to each other (self-attention) and to the detached features of the
     Y_k = FFN(CrossAttn(SelfAttn(Y_{k-1}), M_k))            # M_k: frozen features, projected to d
     classification  s_l   = w · Y_K[l] + b                 # (B, L)
     labelling       s_n,l = <T_n, Y_K[l]> / sqrt(d) + b_l  # (B, N, L): token x label
-    span            start/end = labelling with the two labels "start", "end"   # (B, N) each
+    span            s_n = labelling with the two labels "start", "end"       # (B, N, 2)
 
 Layers: ``fusion="layerwise"`` (default) gives the Y-network one decoder layer per chosen
 backbone layer, bottom-up, each cross-attending to its own layer's features, so the labels see
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +46,6 @@ TASKS = ("classification", "labelling", "span")
 FUSIONS = ("layerwise", "mixture")
 
 
-class SpanLogits(NamedTuple):
-    """Extractive QA scores: where the answer starts and ends, each (B, N)."""
-
-    start: Tensor
-    end: Tensor
-
-
 def layer_features(feats: Features, layer: int, tuner: str) -> Tensor:
     if layer not in feats.layers:
         raise ConfigError(
@@ -69,11 +61,14 @@ def labelling_loss(scores: Tensor, labels: Tensor, ignore_index: int = -100) -> 
     return F.cross_entropy(scores.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
 
 
-def span_loss(logits: SpanLogits, start_positions: Tensor, end_positions: Tensor, ignore_index: int = -100) -> Tensor:
-    """Extractive QA loss: the mean of the start and end cross entropies over positions (B,)."""
-    start = F.cross_entropy(logits.start.float(), start_positions, ignore_index=ignore_index)
-    end = F.cross_entropy(logits.end.float(), end_positions, ignore_index=ignore_index)
-    return (start + end) / 2
+def span_loss(logits: Tensor, positions: Tensor, ignore_index: int = -100) -> Tensor:
+    """Extractive QA loss: the mean of the start and end cross entropies. ``logits`` (B, N, 2)
+    with start scores at ``[..., 0]`` and end scores at ``[..., 1]``; ``positions`` (B, 2) long
+    ``[start, end]`` token indices (the engine's ``qa`` task and ``utuning.data`` labels)."""
+    start, end = logits.float().unbind(-1)  # two (B, N)
+    positions = positions.long()
+    return (F.cross_entropy(start, positions[:, 0], ignore_index=ignore_index)
+            + F.cross_entropy(end, positions[:, 1], ignore_index=ignore_index)) / 2
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,8 +112,8 @@ class YTuning(SideTuner):
     """Y-Tuning (arXiv 2202.09817): a label-query Transformer decoder beside a frozen backbone.
 
     ``task``: ``classification`` -> (B, L) logits; ``labelling`` -> (B, N, L) token x label scores
-    (loss: ``labelling_loss``); ``span`` -> ``SpanLogits(start, end)``, each (B, N), padding at
-    the lowest value (loss: ``span_loss``). Give ``num_labels`` or ``label_names`` (or both) for
+    (loss: ``labelling_loss``); ``span`` -> (B, N, 2) start (``[..., 0]``) and end (``[..., 1]``)
+    scores, padding at the dtype's lowest value (loss: ``span_loss``, the engine's ``qa`` task). Give ``num_labels`` or ``label_names`` (or both) for
     classification and labelling; ``span`` has its two labels.
     """
 
@@ -191,7 +186,7 @@ class YTuning(SideTuner):
     def _memories(self, feats: Features) -> list[Tensor]:
         return [proj(layer_features(feats, i, self.name)) for proj, i in zip(self.memory, self.layers)]  # (B, N, d)
 
-    def forward(self, feats: Features) -> Tensor | SpanLogits:
+    def forward(self, feats: Features) -> Tensor:
         memories = self._memories(feats)
         mask = feats.mask
         b = memories[0].shape[0]
@@ -211,7 +206,7 @@ class YTuning(SideTuner):
             return scores
         if mask is not None:
             scores = scores.masked_fill(~mask[..., None], torch.finfo(scores.dtype).min)
-        return SpanLogits(scores[..., 0], scores[..., 1])
+        return scores  # (B, N, 2): start, end
 
     def extra_repr(self) -> str:
         return f"task={self.task!r}, layers={self.layers}, fusion={self.fusion!r}"

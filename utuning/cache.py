@@ -10,8 +10,9 @@ that never changes, so they can be computed once and reused by later epochs and 
         loss = criterion(model.side_forward(feats.to(device)), target)
 
 ``dataset`` items are ``(inputs, target)`` pairs (``inputs`` a tensor passed positionally, or a
-dict of tensors passed as keyword arguments to ``backbone.intermediates``), or dicts whose
-target keys are ``labels``/``label``/``start_positions``/``end_positions``. An item of the
+dict of tensors passed as keyword arguments to ``backbone.intermediates``), ``utuning.data``
+items ``{"inputs": {...}, "labels": ...}``, or dicts whose target keys are
+``labels``/``label``/``start_positions``/``end_positions``. An item of the
 returned ``CachedFeatureDataset`` is ``(Features of one sample, target)``; its ``collate``
 stacks them back into a ``Features`` batch (padding sequences of different lengths, mask False).
 
@@ -157,7 +158,10 @@ def seeded(seed: int) -> Iterator[None]:
 
 # Samples -----------------------------------------------------------------------------------
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, target)`` from a collated batch (a pair, or a dict with target keys)."""
+    """``(inputs, target)`` from a collated batch: ``utuning.data``'s ``{"inputs": {...}, "labels": ...}``,
+    a pair, or a dict with target keys."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("inputs"), Mapping):
+        return batch["inputs"], batch.get("labels")
     if isinstance(batch, Mapping):
         inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
         target = {k: v for k, v in batch.items() if k in TARGET_KEYS}

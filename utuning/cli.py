@@ -58,10 +58,19 @@ def _engine():
 def cmd_train(args: argparse.Namespace) -> int:
     train = _engine().train
 
-    path, overrides = _one_recipe(args)
-    recipe = _load(path, overrides, args.tiny)
-    summary = train(recipe, resume=args.resume)
-    print(json.dumps(summary, indent=2, default=str))
+    paths, overrides = _split(args.items)
+    if not paths:
+        raise ConfigError("Give at least one recipe file (and KEY=VALUE overrides)")
+    overrides += list(args.set or [])
+    # Every recipe is validated before the first one trains: a typo in the third fails now.
+    recipes = [_load(path, overrides, args.tiny) for path in paths]
+    summaries = [train(recipe, resume=args.resume) for recipe in recipes]
+    if len(summaries) == 1:
+        print(json.dumps(summaries[0], indent=2, default=str))
+    else:
+        from utuning.report import format_table, read_run
+
+        print(format_table([read_run(r.output.dir) for r in recipes]))
     return 0
 
 

@@ -17,6 +17,11 @@ Data order is seeded per epoch (a seedable sampler), and ``resume`` skips the ba
 interrupted epoch that were already trained, so a resumed run ends where an uninterrupted one does.
 Run folder ``output.dir``: recipe.yaml, metrics.jsonl, tb/, summary.json, checkpoints/ (see
 ``utuning.checkpoint``).
+
+``train.cache_features``: for models whose tuners only read frozen features (side tuners, a
+linear probe), the features of the train and eval splits are computed once with
+``utuning.cache.FeatureCache(train.cache_dir)`` (reused by later runs while backbone weights, data
+and transforms are unchanged), and every epoch trains through ``model(features=...)``.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from utuning.engine_parts import (
     better,
     build_optimizer,
     build_scheduler,
+    cached_datasets,
     check_task,
     compute_loss,
     concat_padded,
     default_metrics,
     format_summary,
+    forward_batch,
     peak_memory_mb,
     predictions,
     progress,
@@ -110,6 +117,14 @@ def _collate(dataset: Dataset):
     return collate
 
 
+def _cached(recipe: Recipe, model: TunedModel, datasets: list[Dataset], accelerator) -> tuple[list[Dataset], dict]:
+    """``train.cache_features``: the datasets as cached frozen features (see ``cached_datasets``)."""
+    model.to(accelerator.device)
+    return cached_datasets(model, datasets, [_collate(d) for d in datasets], recipe.train,
+                           batch_size=recipe.eval.batch_size, device=accelerator.device,
+                           main_process_first=accelerator.main_process_first)
+
+
 def _loader(recipe: Recipe, dataset: Dataset, *, batch_size: int, shuffle: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate(dataset),
                       num_workers=recipe.data.num_workers, generator=torch.Generator().manual_seed(recipe.train.seed))
@@ -148,7 +163,7 @@ def run_eval(model, loader, accelerator, recipe: Recipe, names: list[str]) -> di
     labels_all: dict[str, list] = {}
     loss_sum, count = 0.0, 0
     for batch in loader:
-        out = model(**batch["inputs"])
+        out = forward_batch(model, batch, accelerator.device)
         outs = out if isinstance(out, Mapping) else {"": out}
         gathered_outs, gathered_labels = {}, {}
         for key, o in outs.items():
@@ -156,6 +171,8 @@ def run_eval(model, loader, accelerator, recipe: Recipe, names: list[str]) -> di
             if task == "labelling":  # different sequence lengths per process
                 o = accelerator.pad_across_processes(o, dim=1)
                 lab = accelerator.pad_across_processes(lab, dim=1, pad_index=-100)
+            elif task == "qa":  # (B, N, 2) scores: padded positions never win the arg-max
+                o = accelerator.pad_across_processes(o.float(), dim=1, pad_index=torch.finfo(torch.float32).min)
             o, lab = accelerator.gather_for_metrics((o.float(), lab))
             gathered_outs[key], gathered_labels[key] = o, lab
             p, t = predictions(task, o, lab)
@@ -194,9 +211,12 @@ def evaluate(recipe: Recipe | None, checkpoint: str | Path, *, data: Dataset | N
     model, (dataset,) = model_and_data(recipe, [recipe.data.eval_split], data=None if data is None else [data],
                                        num_classes=meta.get("num_classes"))
     ckpt.load_into(model, checkpoint, recipe)
+    names = _metric_names(recipe, dataset)
+    if recipe.train.cache_features:
+        (dataset,), _ = _cached(recipe, model, [dataset], accelerator)
     loader = _loader(recipe, dataset, batch_size=recipe.eval.batch_size, shuffle=False)
     model, loader = accelerator.prepare(model, loader)
-    return run_eval(model, loader, accelerator, recipe, _metric_names(recipe, dataset))
+    return run_eval(model, loader, accelerator, recipe, names)
 
 
 # Training ------------------------------------------------------------------------------------
@@ -211,8 +231,6 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
 
     t = recipe.train
     task = check_task(recipe.task.type)
-    if t.cache_features:
-        raise ConfigError("train.cache_features is not wired into the engine yet (utuning.cache); set it to false")
     accelerator = _accelerator(recipe)
     main = accelerator.is_main_process
     out = Path(recipe.output.dir)
@@ -223,9 +241,12 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
     model, (train_ds, eval_ds) = model_and_data(recipe, [recipe.data.train_split, recipe.data.eval_split],
                                                 data=None if data is None else list(data))
     num_classes = recipe.backbone.num_classes or _num_classes(recipe, train_ds)
+    names = _metric_names(recipe, eval_ds)
+    feature_cache = None
+    if t.cache_features:  # checks the model and data first, then builds or reuses the entries
+        (train_ds, eval_ds), feature_cache = _cached(recipe, model, [train_ds, eval_ds], accelerator)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    names = _metric_names(recipe, eval_ds)
     train_loader = _loader(recipe, train_ds, batch_size=t.batch_size, shuffle=True)
     eval_loader = _loader(recipe, eval_ds, batch_size=recipe.eval.batch_size, shuffle=False)
     updates_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
@@ -309,7 +330,7 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
             loader.set_epoch(epoch)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = compute_loss(task, model(**batch["inputs"]), batch["labels"],
+                loss = compute_loss(task, forward_batch(model, batch, accelerator.device), batch["labels"],
                                     label_smoothing=recipe.task.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.optim.max_grad_norm:
@@ -362,6 +383,8 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
         "precision": t.precision,
         "device": str(accelerator.device),
     }
+    if feature_cache is not None:
+        summary["feature_cache"] = feature_cache
     if main:
         log.close()
         ckpt._atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

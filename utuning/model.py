@@ -120,6 +120,13 @@ class TunedModel(nn.Module):
                 keys.add(key)
                 tuner = cls(sites=tuple(site_specs[s] for s in sites), **spec.args)
                 planned.append(Attached(key, tuple(sites), tuner, None))
+        side = [a.key for a in planned if a.handle is None]
+        at_head = [a.key for a in planned if a.handle is not None and site_specs[a.sites[0]].kind == "head"]
+        if side and at_head:
+            raise PlacementError(
+                f"Side tuners {side} produce the model's outputs, so tuners at the head {at_head} would never run; "
+                "side tuners bring their own heads: drop the head tuners"
+            )
         return planned
 
     # Walking tuners ---------------------------------------------------------------------
