@@ -85,7 +85,7 @@ def test_list_commands(capsys) -> None:
 def fake_run(root: Path, name: str, tuners: list[str], tunable: int, acc: float) -> None:
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"name": name, "tuners": [{"name": t, "at": "x"} for t in tuners]}))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"name": name, "tuners": [{"name": t, "at": "head" if t == "linear_probe" else "blocks.*"} for t in tuners]}))
     summary = {"name": name, "tuners": [], "tunable_params": tunable, "total_params": 86_000_000,
                "tunable_share": tunable / 86e6, "best_eval": {"step": 10, "epoch": 1, "metrics": {"accuracy": acc, "loss": 1.0}},
                "final_eval": {"accuracy": acc - 0.01, "loss": 1.1}, "train_time_s": 12.5, "peak_memory_mb": 100.0}

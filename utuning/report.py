@@ -20,20 +20,19 @@ import yaml
 
 from utuning.errors import ConfigError
 
-HEAD_ONLY = "linear_probe"
-
 
 def _method(run: Path, summary: Mapping[str, Any]) -> str:
-    """Tuner names as written in the recipe (compositions unexpanded); the head alone only if nothing else."""
-    names: list[str] = []
+    """Tuner names as written in the recipe (compositions unexpanded); tuners at the head (the
+    trainable classifier every method has) only if nothing else is tuned."""
+    entries: list[Mapping[str, Any]] = []
     recipe = run / "recipe.yaml"
     if recipe.is_file():
         data = yaml.safe_load(recipe.read_text()) or {}
-        names = [str(t.get("name")) for t in data.get("tuners") or [] if isinstance(t, Mapping)]
-    if not names:
-        names = [str(t.get("name") if isinstance(t, Mapping) else t) for t in summary.get("tuners") or []]
-    names = list(dict.fromkeys(names))
-    core = [n for n in names if n != HEAD_ONLY]
+        entries = [t for t in data.get("tuners") or [] if isinstance(t, Mapping)]
+    if not entries:
+        entries = [t if isinstance(t, Mapping) else {"name": t} for t in summary.get("tuners") or []]
+    names = list(dict.fromkeys(str(t.get("name")) for t in entries))
+    core = list(dict.fromkeys(str(t.get("name")) for t in entries if t.get("at") != "head"))
     return "+".join(core or names) or "?"
 
 
