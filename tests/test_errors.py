@@ -177,3 +177,14 @@ def test_other_errors(vit):
         a.tuner.merge(a.handle)
     with pytest.raises(utuning.ConfigError, match=r"Cannot read a tuner spec from 5"):
         utuning.TunerSpec.coerce(5)
+
+
+def test_layer_range_partly_out_of_bounds_is_refused():
+    """blocks.{0..11} on a 2-block model names blocks that do not exist: an error, not a silent subset."""
+    from tests.helpers import vit_backbone
+    from utuning.errors import SiteError
+
+    backbone = vit_backbone()
+    assert backbone.match("blocks.{0..1}.attn") == ["blocks.0.attn", "blocks.1.attn"]
+    with pytest.raises(SiteError, match=r"asks for 'blocks.2.attn'.*Closest sites"):
+        backbone.match("blocks.{0..11}.attn")

@@ -105,6 +105,23 @@ def pattern_regex(pattern: str) -> re.Pattern:
     return re.compile(r"\.".join(parts) + r"\Z")
 
 
+def _brace_choices(pattern: str) -> list[str]:
+    """The concrete patterns a pattern's first brace group expands to (recursively)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    if ".." in body:
+        lo, _, hi = body.partition("..")
+        items = [str(i) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = [i.strip() for i in body.split(",")]
+    out: list[str] = []
+    for item in items:
+        out.extend(_brace_choices(pattern[: m.start()] + item + pattern[m.end() :]))
+    return out
+
+
 def match_sites(patterns: str | Sequence[str], names: Iterable[str], *, owner: str = "backbone") -> list[str]:
     """Site names matched by one or more patterns, in backbone order; each pattern must match."""
     names = list(names)
@@ -118,6 +135,14 @@ def match_sites(patterns: str | Sequence[str], names: Iterable[str], *, owner: s
             raise SiteError(f"Site pattern must be a non-empty string, got {pattern!r}")
         rx = pattern_regex(pattern)
         hits = [n for n in names if rx.match(n)]
+        if hits:
+            # Each choice of a {..} range or {a,b} list must exist: blocks.{0..11} on a 2-block model is a mistake.
+            for choice in _brace_choices(pattern):
+                if choice != pattern and not any(pattern_regex(choice).match(n) for n in hits):
+                    raise SiteError(
+                        f"Site pattern {pattern!r} asks for {choice!r}, which matches no site of {owner}. "
+                        f"Closest sites: {closest(choice.replace('*', '0'), names, n=5)}"
+                    )
         if not hits:
             probe = re.sub(r"\{[^}]*\}", "0", pattern).replace("**", "*").replace("*", "0")
             raise SiteError(
