@@ -1,0 +1,124 @@
+"""Regenerate the benchmark results page with one command.
+
+    python -m benchmarks.run --quick [--out DIR]    # CI: small shapes, < 3 minutes on 2 CPU cores
+    python -m benchmarks.run --full                 # vit_small + vit_base at batch 32, BERT-base
+    python -m benchmarks.run --report-only          # rebuild README.md and plots from stored results
+
+Results are stored as JSON under ``DIR/results/`` (one file per mode and model, so a full run
+can be done in parts with ``--models``), plots under ``DIR/plots/`` and the page is ``DIR/README.md``.
+``--quick`` writes to ``runs/benchmarks-quick`` unless ``--out`` is given; ``--full`` to ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.speed import ROOT, measure
+
+VIT_TRAIN = ["full_timm", "full", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
+             "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ytuning", "bypass", "peft_lora", "peft_ia3"]
+VIT_INFER = ["plain_timm", "plain", "adapter", "parallel_adapter", "dual_u_tuner", "lora", "lora_merged", "prefix",
+             "vpt_deep", "peft_lora", "peft_lora_merged"]
+MULTI = ["multi_bypass", "separate_bypass"]
+TEXT_TRAIN = ["full_hf", "peft_prefix", "prefix", "peft_prompt", "prompt"]
+
+QUICK_VIT_TRAIN = ["full_timm", "linear_probe", "lora", "bypass", "peft_lora"]
+QUICK_VIT_INFER = ["plain_timm", "adapter", "lora_merged"]
+QUICK_TEXT_TRAIN = ["full_hf", "peft_prefix", "prefix"]
+
+#: Shapes. Quick mode shrinks everything (and says so on the page): 4 blocks, 64x64 images, batch 4.
+SHAPES = {
+    "quick": {"vit": {"img": 64, "batch": 4, "depth": 4, "warmup": 1, "iters": 3},
+              "text": {"seq": 32, "batch": 4, "depth": 2, "hidden": 128, "warmup": 1, "iters": 3}},
+    "full": {"vit": {"img": 224, "batch": 32, "depth": None, "warmup": 2, "iters": 5},
+             "text": {"seq": 128, "batch": 32, "depth": None, "hidden": None, "warmup": 2, "iters": 5}},
+}
+FULL_MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "bert-base"]
+#: Epochs from cached features (``benchmarks.cache_epoch``): the side tuner, data size and shape per mode.
+CACHE = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "samples": 32, "batch": 8},
+         "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "samples": 128, "batch": 32}}
+TASKS = 3
+
+
+def jobs_for(mode: str, model: str, *, threads: int, device: str, overrides: dict) -> list[dict]:
+    quick = mode == "quick"
+    family = "text" if model.startswith("bert") else "vit"
+    shape = {**SHAPES[mode][family], **{k: v for k, v in overrides.items() if v is not None}}
+    base = {"family": family, "model": model, "classes": 10 if family == "vit" else 2, "threads": threads,
+            "device": device, "tasks": 1, **shape}
+    if family == "text":
+        return [dict(base, mode="train", method=m) for m in (QUICK_TEXT_TRAIN if quick else TEXT_TRAIN)]
+    jobs = [dict(base, mode="train", method=m) for m in (QUICK_VIT_TRAIN if quick else VIT_TRAIN)]
+    jobs += [dict(base, mode="infer", method=m) for m in (QUICK_VIT_INFER if quick else VIT_INFER)]
+    for mode_ in ("infer",) if quick else ("train", "infer"):
+        jobs += [dict(base, mode=mode_, method=m, tasks=TASKS) for m in MULTI]
+    return jobs
+
+
+def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
+    """Run ``benchmarks.cache_epoch`` in a child process; write its JSON and Markdown section."""
+    from benchmarks.cache_epoch import markdown
+
+    job = {**CACHE[mode], "classes": 10, "side": "bypass", "threads": threads, "epochs": 3}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cache_epoch", json.dumps(job)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+        {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    (out / "results" / f"cache_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
+    (out / "results" / f"cache_{mode}.md").write_text(markdown(job, result))
+    print(f"cache epochs: {result}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="small shapes, for CI (default)")
+    which.add_argument("--full", action="store_true", help="vit_small / vit_base at batch 32 and BERT-base")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the page from stored results")
+    parser.add_argument("--out", type=Path, help="folder of README.md, results/ and plots/")
+    parser.add_argument("--models", nargs="+", help=f"full mode: a subset of {FULL_MODELS}")
+    parser.add_argument("--methods", nargs="+", help="only these methods (keys of benchmarks.methods)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per child (default 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--iters", type=int)
+    parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.report import write_page
+
+    mode = "full" if args.full else "quick"
+    out = args.out or (ROOT / "benchmarks" if mode == "full" else ROOT / "runs" / "benchmarks-quick")
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        models = args.models or (FULL_MODELS if mode == "full" else ["vit_small_patch16_224", "bert-base"])
+        overrides = {"batch": args.batch, "warmup": args.warmup, "iters": args.iters}
+        for model in models:
+            jobs = jobs_for(mode, model, threads=args.threads, device=args.device, overrides=overrides)
+            if args.methods:
+                jobs = [j for j in jobs if j["method"] in args.methods]
+            start = time.time()
+            rows = measure(jobs)
+            record = {"mode": mode, "model": model, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
+                      "wall_s": time.time() - start, "rows": rows}
+            name = f"speed_{mode}_{model}{'_' + args.tag if args.tag else ''}.json"
+            (out / "results" / name).write_text(json.dumps(record, indent=1))
+    if not args.report_only and (not args.methods or "cache" in args.methods):
+        cache_epochs(mode, out, threads=args.threads)
+    page = write_page(out, mode)
+    print(f"wrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

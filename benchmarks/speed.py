@@ -1,0 +1,152 @@
+"""Speed and peak memory of one configuration per process.
+
+``measure(jobs)`` runs every job (see ``benchmarks.methods``) in its own child process, one
+after the other, so that the peak memory of one configuration never includes another's. The
+child (``python -m benchmarks.speed '<job json>'``) builds the model, then:
+
+* memory, CPU: the kernel's peak-RSS mark (``VmHWM``) is reset to the current RSS through
+  ``/proc/self/clear_refs`` once the model and optimiser are built, and the reported peak is
+  ``VmHWM - RSS after build``: the memory a step adds on top of the weights (activations,
+  gradients, optimiser state, temporaries). Where the reset is refused, ``ru_maxrss`` minus the
+  RSS after build is used instead and the result says so (``memory_method``).
+* memory, GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
+  memory allocated after build.
+* time: ``warmup`` steps, then the median of ``iters`` timed steps (``time.perf_counter``; CUDA
+  synchronised). A train step is forward, cross-entropy, backward and an AdamW step; an
+  inference step is a forward under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_job(job: dict) -> dict:
+    """Build and time one configuration in this process (the child side)."""
+    import torch
+
+    from benchmarks.methods import Pending, build
+
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(int(job.get("threads") or os.cpu_count() or 1))
+    torch.manual_seed(0)
+    cuda = job.get("device") == "cuda"
+    try:
+        built = build(job)
+    except Pending as err:
+        return {"status": "pending", "reason": str(err)}
+    device = torch.device("cuda" if cuda else "cpu")
+    built.model.to(device)
+    built.args = tuple(a.to(device) for a in built.args)
+    built.kwargs = {k: v.to(device) for k, v in built.kwargs.items()}
+    built.labels = built.labels.to(device)
+    train = job["mode"] == "train"
+    opt = torch.optim.AdamW(built.trainable, lr=1e-4) if train else None
+    built.model.train(train)
+
+    def step() -> None:
+        if train:
+            opt.zero_grad(set_to_none=True)
+            built.loss(built.forward()).backward()
+            opt.step()
+        else:
+            with torch.inference_mode():
+                built.forward()
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        method = "torch.cuda.max_memory_allocated - allocated after build"
+    else:
+        base = _status_kib("VmRSS") * 1024
+        method = "VmHWM (reset after build) - RSS after build" if _reset_peak_rss() \
+            else "ru_maxrss - RSS after build (peak reset refused: may include the build's own peak)"
+    times = []
+    for i in range(job["warmup"] + job["iters"]):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    elif method.startswith("VmHWM"):
+        peak = _status_kib("VmHWM") * 1024 - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {
+        "status": "ok",
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_mib": max(peak, 0) / 2**20,
+        "weights_mib": sum(p.numel() * p.element_size() for p in built.model.parameters()) / 2**20,
+        "tunable": sum(p.numel() for p in built.trainable),
+        "total": built.total,
+        "memory_method": method,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if cuda else "cpu",
+        "cores": os.cpu_count(),
+        "load": [load_start, os.getloadavg()[0]],  # 1-minute load average: other work on the machine
+    }
+
+
+def measure(jobs: list[dict], *, timeout: float = 1800, log=print) -> list[dict]:
+    """Run each job in a fresh child process, in order; returns job + result rows."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    rows = []
+    for i, job in enumerate(jobs):
+        if job.get("threads"):
+            env["OMP_NUM_THREADS"] = str(job["threads"])
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", json.dumps(job)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode == 0 and lines:
+                result = json.loads(lines[-1])
+            else:
+                result = {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        except subprocess.TimeoutExpired:
+            result = {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+        rows.append({**job, **result})
+        shown = f"{result['median_s']:.3f} s, {result['peak_mib']:.0f} MiB" if result["status"] == "ok" else result
+        log(f"[{i + 1}/{len(jobs)}] {job['family']} {job['model']} {job['mode']:<5} {job['method']:<18} "
+            f"{shown} ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_job(json.loads(sys.argv[1]))))

@@ -1,0 +1,53 @@
+"""The benchmark's quick mode (the CI check of issue 5): one command writes the results page,
+the plots and the JSON results, and every ratio on it is a finite number."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import report, run
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
+def test_quick_mode_writes_page_plots_and_results(quick):
+    page = (quick / "README.md").read_text()
+    assert "## vit_small_patch16_224" in page and "## bert-base" in page
+    assert "Quick mode" in page
+    pngs = sorted((quick / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    records = [json.loads(p.read_text()) for p in (quick / "results").glob("speed_quick_*.json")]
+    assert {r["model"] for r in records} == {"vit_small_patch16_224", "bert-base"}
+    cache = json.loads((quick / "results" / "cache_quick.json").read_text())["result"]
+    assert cache["status"] == "ok" and math.isfinite(cache["cached_over_first"]) and cache["cached_over_first"] > 0
+    assert "## Epochs from cached features" in page
+
+
+def test_quick_mode_ratios_are_finite(quick):
+    for record in report.load(quick, "quick"):
+        failed = [(r["method"], r.get("reason")) for r in record["rows"] if r["status"] == "error"]
+        assert not failed, failed
+        ratios = report.ratios(record)
+        assert ratios, record["model"]
+        values = [v for d in ratios.values() for v in d.values()]
+        assert values and all(math.isfinite(v) and v > 0 for v in values), ratios
+        for r in record["rows"]:
+            if r["status"] == "ok":
+                assert r["median_s"] > 0 and r["peak_mib"] >= 0 and 0 < r["tunable"] <= r["total"]
+
+
+def test_full_mode_jobs_cover_the_issue():
+    small = {(j["mode"], j["method"]) for j in run.jobs_for("full", "vit_small_patch16_224", threads=2,
+                                                             device="cpu", overrides={})}
+    assert ("train", "full_timm") in small and ("infer", "lora_merged") in small
+    assert {("train", m) for m in ("ytuning", "bypass", "peft_lora", "peft_ia3", "vpt_deep", "prefix")} <= small
+    assert all(j["batch"] == 32 and j["img"] == 224 for j in run.jobs_for("full", "vit_base_patch16_224", threads=2,
+                                                                          device="cpu", overrides={}))
