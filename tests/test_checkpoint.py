@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tests.test_engine import tiny_data, tiny_recipe
 from utuning.checkpoint import load_into, load_tuned, read_checkpoint, read_pointer, save_checkpoint
@@ -122,3 +123,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(1, 13))
+
+
+def test_export_full_finetune_backbone_loads_into_timm(tmp_path):
+    """`utuning export` after full fine-tuning writes the timm state dict (original keys); a new
+    timm model created from that file gives the fine-tuned model's outputs. Side-by-side tuners
+    (adapters) are refused."""
+    import timm
+
+    from tests.test_engine import TINY_VIT
+    from utuning import cli
+    from utuning.checkpoint import export_backbone
+
+    recipe = tiny_recipe(tmp_path / "full", tuners=[TunerConfig(name="full_finetune", at="**")], epochs=1)
+    train(recipe, data=tiny_data())
+    out = tmp_path / "backbone.safetensors"
+    assert cli.main(["export", str(tmp_path / "full"), "--out", str(out)]) == 0
+    tuned = load_tuned(tmp_path / "full")
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=tuned.backbone.model.num_classes,
+                              img_size=32, pretrained_cfg_overlay={"file": str(out)}, **TINY_VIT).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # timm re-initialises a head whose class count differs from its config: compare pre-logits
+        ours = tuned.backbone.intermediates(pixel_values=x, layers=[]).pooled
+        torch.testing.assert_close(fresh.forward_head(fresh.forward_features(x), pre_logits=True), ours)
+    exported = load_file(str(out))
+    assert set(exported) == set(timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, **TINY_VIT).state_dict())
+    assert not torch.equal(exported["blocks.0.attn.qkv.weight"], build_model(recipe, num_classes=4)
+                           .backbone.model.state_dict()["blocks.0.attn.qkv.weight"])  # fine-tuned, not the start
+    train(tiny_recipe(tmp_path / "adapter"), data=tiny_data())
+    with pytest.raises(ConfigError, match="cannot be folded"):
+        export_backbone(tmp_path / "adapter", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

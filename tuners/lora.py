@@ -64,14 +64,15 @@ class LoRA(Tuner):
         return torch.cat(blocks, dim=0) * self.scaling
 
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
-        h = self.dropout(x)
-        parts = [None] * self.split
+        n, r = self.lora_A.shape[:2]
+        h = self.dropout(x) @ self.lora_A.reshape(n * r, -1).T  # one matmul for all parts: (..., n*r)
+        delta = torch.einsum("...nr,ndr->...nd", h.unflatten(-1, (n, r)), self.lora_B * self.scaling)  # (..., n, D_part)
+        if n == self.split:  # every part adapted (or an unsplit layer): no zero blocks to build
+            return y + delta.flatten(-2)
+        ys = list(y.unflatten(-1, (self.split, self.part_dim)).unbind(-2))  # split fused q, k, v outputs
         for j, i in enumerate(self.index):
-            parts[i] = (h @ self.lora_A[j].T) @ self.lora_B[j].T * self.scaling  # (..., D_part)
-        if self.split == 1:
-            return y + parts[0]
-        zeros = y.new_zeros(*y.shape[:-1], self.part_dim)
-        return y + torch.cat([p if p is not None else zeros for p in parts], dim=-1)
+            ys[i] = ys[i] + delta[..., j, :]
+        return torch.stack(ys, dim=-2).flatten(-2)
 
     @torch.no_grad()
     def merge(self, op: OpHandle) -> None:

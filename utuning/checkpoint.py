@@ -266,3 +266,30 @@ def load_tuned(checkpoint: str | Path) -> TunedModel:
     except StateDictError as err:
         raise StateDictError(f"Checkpoint {meta['folder']}: {err}") from None
     return model.eval()
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> list[str]:
+    """Fold a checkpoint's tuners into the frozen weights and save the backbone model's state dict
+    (the original model's keys, e.g. a timm or Hugging Face state dict) as safetensors, atomically.
+
+    Only full fine-tuning (``unfreeze``) and mergeable reparameterisations (LoRA, SSF, BitFit) fold
+    into the weights; tuners that live beside them (adapters, prompts, prefixes, side tuners) are
+    refused. Tuners at the head are not part of the backbone's weights: their keys are returned,
+    and their weights stay in the checkpoint's ``tuner.safetensors``."""
+    model = load_tuned(checkpoint)
+    specs = model.backbone.site_specs()
+    folded = [a.key for a in model.attached() if a.tuner.placement in ("unfreeze", "reparam")]
+    at_head = [a.key for a in model.attached()
+               if a.key not in folded and a.handle is not None and specs[a.sites[0]].kind == "head"]
+    beside = [a.key for a in model.attached() if a.key not in folded and a.key not in at_head]
+    if beside:
+        raise ConfigError(
+            f"Checkpoint {checkpoint}: tuners {beside[:5]} live beside the frozen weights and cannot be folded into "
+            "them; only full fine-tuning and mergeable tuners (lora, ssf, bitfit) export as backbone weights"
+        )
+    model.merge()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.backbone.frozen_state_dict().items()}
+    _atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(checkpoint)}))
+    return at_head

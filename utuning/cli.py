@@ -124,6 +124,14 @@ def _structure(recipe: Any, weights: bool):
         return build_model(recipe, pretrained=False)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from utuning.checkpoint import export_backbone
+
+    left = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {args.out}" + (f" (head tuners {left} stay in the checkpoint's tuner.safetensors)" if left else ""))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path, overrides = _one_recipe(args)
     recipe = _load(path, overrides, args.tiny)
@@ -270,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (tuners, sites)")
     p.add_argument("--tiny", action="store_true", help="for `sites` of a recipe: its tiny backbone")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("export", help="fold tuners into the backbone and save its weights",
+                       description="Fold a checkpoint's full fine-tuning or mergeable tuners (lora, ssf, bitfit) into "
+                       "the frozen weights and save the backbone's state dict (original keys: load it with "
+                       "`backbone.pretrained: FILE`, e.g. to transfer a backbone trained here).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder, its checkpoints/ folder or one checkpoint")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="compare finished runs",
                        description="Table of the finished runs under RUNS_DIR (each with a summary.json): name, "
