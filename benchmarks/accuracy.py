@@ -33,7 +33,7 @@ STUDIES = {
     "fashion_to_mnist": ["full", "linear_probe", "vpt_deep", "prefix", "adapter", "parallel_adapter", "dual_u_tuner",
                          "tri_u_tuner", "lora", "bitfit", "ytuning", "bypass"],
 }
-REDUCED = {"finefoods": ["data.args.subset=800", "train.epochs=1"],
+REDUCED = {"finefoods": ["data.args.subset=2000", "train.epochs=1"],
            "fashion_to_mnist": ["data.args.subset=1000", "train.epochs=1"]}
 
 
