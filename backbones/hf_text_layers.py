@@ -76,12 +76,14 @@ class TextLayer(nn.Module):
         x = self.attention.output.LayerNorm(x + self.slots["attn"].apply(x, self._attn_op, mask))
         return self.output.LayerNorm(x + self.slots["mlp"].apply(x, self._mlp_op, mask))
 
+    def _heads(self, x: Tensor, *layers: nn.Module) -> list[Tensor]:
+        """q, k, v through their linear sites (reparam tuners applied): each (B, H, N, Dh)."""
+        h = self.attention.self.num_attention_heads
+        return [split_heads(self.slots[f"attn.{n}"].linear(x, layer), h) for n, layer in zip("qkv", layers)]
+
     def _attn_op(self, x: Tensor, mask: Tensor) -> Tensor:
         s, slots = self.attention.self, self.slots
-        h = s.num_attention_heads
-        q = split_heads(slots["attn.q"].linear(x, s.query), h)  # (B, H, N, Dh)
-        k = split_heads(slots["attn.k"].linear(x, s.key), h)
-        v = split_heads(slots["attn.v"].linear(x, s.value), h)
+        q, k, v = self._heads(x, s.query, s.key, s.value)
         prefixes, decomposed = slots["attn"].prefixes(x.shape[0])
         drop = s.dropout.p if s.dropout.training else 0.0  # HF's own dropout module sets the mode
         o = attend(q, k, v, key_mask=mask, prefixes=prefixes, decomposed=decomposed, dropout_p=drop,
@@ -120,10 +122,7 @@ class DebertaLayer(TextLayer):
 
     def _attn_op(self, x: Tensor, mask: Tensor) -> Tensor:
         s, slots = self.attention.self, self.slots
-        h = s.num_attention_heads
-        q = split_heads(slots["attn.q"].linear(x, s.query_proj), h)  # (B, H, N, Dh)
-        k = split_heads(slots["attn.k"].linear(x, s.key_proj), h)
-        v = split_heads(slots["attn.v"].linear(x, s.value_proj), h)
+        q, k, v = self._heads(x, s.query_proj, s.key_proj, s.value_proj)
         factor = 1 + ("c2p" in s.pos_att_type) + ("p2c" in s.pos_att_type)
         scale = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
         scores = q @ (k.transpose(-1, -2) / scale)  # (B, H, N, N)
