@@ -17,12 +17,17 @@ Sites (the layers are re-written in ``hf_text_layers``; operations end before re
     blocks.{i}.mlp.fc1|fc2     intermediate dense / output dense
     norm                       none in post-LN encoders: an identity without parameters, present so
                                that whole-model patterns (``full_finetune``) fit every backbone
-    head                       HF's sequence-classification head on the final [CLS] state (B, D) -> (B, C)
+    head                       HF's sequence-classification head on the pooled final states (B, D) -> (B, C)
+
+Pooling (``pooling=``): ``"cls"`` (default, what HF's heads read) is the final state of the first
+token; ``"mean"`` is the mean final state over real tokens (prompts and padding excluded), how
+sentence-transformers models such as all-MiniLM-L6-v2 were trained to be read.
 
 The head: the operation is the family's own classifier (BERT: pooler + classifier; RoBERTa and
 ELECTRA: ``classifier`` (dense, act, out_proj); DeBERTa: ``ContextPooler`` + classifier), and its
-input, the pooled features, is the final hidden state of the first token. ``linear_probe`` thus
-trains a linear layer on [CLS] in place of that head (the pooler layers, newly initialised for
+input, the pooled features, is the final hidden state of the first token (``pooling="cls"``) or the
+mean over real tokens (``pooling="mean"``). ``linear_probe`` thus trains a linear layer on the pooled
+features in place of that head (the pooler layers, newly initialised for
 most families, are not kept); ``unfreeze`` (``full``) trains the HF head itself. Base models have
 no head: the ``head`` operation returns the pooled [CLS] features.
 
@@ -140,6 +145,14 @@ class TextEmbedHandle(OpHandle):
         return self.project(out) if self.project is not None else out  # (L, D)
 
 
+POOLINGS = ("cls", "mean")
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r} is not one of {list(POOLINGS)} (closest: {closest(str(pooling), POOLINGS)})")
+
+
 def _family(model: nn.Module) -> Family | None:
     config = getattr(model, "config", None)
     family = FAMILIES.get(getattr(config, "model_type", None))
@@ -175,7 +188,7 @@ class HFTextBackbone(Backbone):
 
     @classmethod
     def create(cls, *, model: str = "bert-base-uncased", num_classes: int | None = None, pretrained: bool = False,
-               tokenizer: bool = True, **config_overrides: Any) -> HFTextBackbone:
+               tokenizer: bool = True, pooling: str = "cls", **config_overrides: Any) -> HFTextBackbone:
         """Build an ``AutoModelForSequenceClassification`` and wrap it.
 
         model: a hub name or local folder (its config, weights with ``pretrained=True``, and its
@@ -183,9 +196,11 @@ class HFTextBackbone(Backbone):
             ``"deberta-v2"``) to build from a default config with ``pretrained=False``.
         num_classes: classifier outputs (``num_labels``); default the config's.
         tokenizer: load ``AutoTokenizer`` from the same name/folder (never for a bare model type).
+        pooling: ``"cls"`` (first token, HF's heads) or ``"mean"`` (over real tokens).
         config_overrides: config fields, e.g. ``hidden_size=32, num_hidden_layers=2``; unknown fields fail.
         """
         model, overrides = str(model), dict(config_overrides)
+        _check_pooling(pooling)
         if num_classes is not None:
             overrides["num_labels"] = num_classes
         from_type = model in FAMILIES and not Path(model).is_dir()
@@ -220,9 +235,10 @@ class HFTextBackbone(Backbone):
             except (OSError, ValueError) as e:
                 raise ConfigError(f"Cannot load a tokenizer for model={model!r}: {e}; pass tokenizer=False "
                                   "to build without one") from e
-        return cls(net, tokenizer=tok)
+        return cls(net, tokenizer=tok, pooling=pooling)
 
-    def __init__(self, model: nn.Module, *, tokenizer: Any = None) -> None:
+    def __init__(self, model: nn.Module, *, tokenizer: Any = None, pooling: str = "cls") -> None:
+        _check_pooling(pooling)
         family = _family(model)
         if family is None:
             raise refuse(f"A {type(model).__name__}", f"hf_text wraps the {sorted(FAMILIES)} encoders and their "
@@ -231,6 +247,7 @@ class HFTextBackbone(Backbone):
         super().__init__(model)
         self.family = family
         self.tokenizer = tokenizer
+        self.pooling = pooling
         base = model.base_model
         self.base = [base]  # plain list: the encoder stays registered under self.model only
         config = base.config
@@ -344,6 +361,15 @@ class HFTextBackbone(Backbone):
         # Prompts kept past their block (prompt at embed) sit right after [CLS].
         return remove_tokens(x, x.shape[1] - n_tokens, 1)[0]
 
+    def feature_options(self) -> dict[str, Any]:
+        return {"pooling": self.pooling}
+
+    def pool(self, x: Tensor, mask: Tensor) -> Tensor:  # (B, N, D), (B, N) -> (B, D)
+        if self.pooling == "cls":
+            return x[:, 0]
+        m = mask[..., None].to(x.dtype)  # (B, N, 1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
     def head(self, pooled: Tensor) -> Tensor:  # (B, D) -> (B, C)
         if isinstance(self.model, self.family.classifier):
             return self.slot("head").apply(pooled, lambda t, _: self.family.head(self.model, t))
@@ -351,17 +377,17 @@ class HFTextBackbone(Backbone):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:  # (B, N) -> (B, C)
-        x, _, _ = self._encode(input_ids, attention_mask, token_type_ids)
-        return self.head(x[:, 0])
+        x, mask, _ = self._encode(input_ids, attention_mask, token_type_ids)
+        return self.head(self.pool(x, mask))
 
     def intermediates(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       token_type_ids: Tensor | None = None, *, layers: list[int]) -> Features:
-        """Outputs (B, N, D) of the chosen blocks, the final states, pooled [CLS] (B, D) and the mask."""
+        """Outputs (B, N, D) of the chosen blocks, the final states, the pooled features (B, D) and the mask."""
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise PlacementError(f"Layer {bad[0]} does not exist; this encoder has blocks 0..{self.num_layers - 1}")
         x, mask, outs = self._encode(input_ids, attention_mask, token_type_ids, list(layers))
-        return Features({i: outs[i] for i in sorted(set(layers))}, x, x[:, 0], mask, {"prefix_tokens": 1})
+        return Features({i: outs[i] for i in sorted(set(layers))}, x, self.pool(x, mask), mask, {"prefix_tokens": 1})
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> dict[str, Tensor]:
         """Random token ids with [CLS]-like first token; every second row is padded (3 tokens fewer)."""

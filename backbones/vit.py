@@ -241,6 +241,9 @@ class ViTBackbone(Backbone):
         x = self.slot("norm").apply(x, lambda t, _: m.norm(t))
         return self.head(m.forward_head(x, pre_logits=True))  # (B, D) -> (B, classes)
 
+    def feature_options(self) -> dict[str, Any]:
+        return {"global_pool": getattr(self.model, "global_pool", None)}
+
     def head(self, pooled: Tensor) -> Tensor:
         return self.slot("head").apply(pooled, lambda t, _: self.model.head(t))
 

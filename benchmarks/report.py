@@ -53,6 +53,7 @@ def ratios(record: dict) -> dict[str, dict]:
             d["tunable"] = r["tunable"] / r["total"]
         if r["mode"] == "infer" and ref_infer:
             d["infer_time"] = r["median_s"] / ref_infer["median_s"]
+        d.setdefault("tunable", r["tunable"] / r["total"] if r.get("total") else math.nan)
     return out
 
 
@@ -87,7 +88,7 @@ def train_table(record: dict) -> list[str]:
             continue
         q = rat[r["method"]]
         target, ok = _target(r["method"], q)
-        lines.append(f"| {r['method']} | {q['tunable']:.2%} | {r['median_s']:.3f} | {_f(q['train_time'])} | "
+        lines.append(f"| {r['method']} | {_f(q['tunable'] * 100)}% | {r['median_s']:.3f} | {_f(q['train_time'])} | "
                      f"{r['peak_mib']:.0f} | {_f(q['train_mem'])} | {target} | {_mark(ok)} |")
     return lines
 

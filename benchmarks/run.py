@@ -65,7 +65,8 @@ def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
     """Run ``benchmarks.cache_epoch`` in a child process; write its JSON and Markdown section."""
     from benchmarks.cache_epoch import markdown
 
-    job = {**CACHE[mode], "classes": 10, "side": "bypass", "threads": threads, "epochs": 3}
+    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "linear_probe"], "threads": threads,
+           "epochs": 3}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cache_epoch", json.dumps(job)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=3600)
@@ -78,6 +79,21 @@ def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
     return result
 
 
+def _row_key(row: dict) -> tuple:
+    return row["method"], row["mode"], row["tasks"]
+
+
+def merge(stored: dict, new: dict) -> dict:
+    """A partial run (``--methods``) replaces its own rows in the stored record and keeps the others
+    (in their order); each row keeps its own start time and machine load, and the record lists the
+    runs it was assembled from."""
+    fresh = {_row_key(r): dict(r, started=new["started"]) for r in new["rows"]}
+    rows = [fresh.pop(_row_key(r), r) for r in stored["rows"]] + list(fresh.values())
+    runs = stored.get("runs") or [{"started": stored["started"], "wall_s": stored["wall_s"], "methods": "all"}]
+    runs.append({"started": new["started"], "wall_s": new["wall_s"], "methods": [r["method"] for r in new["rows"]]})
+    return {**stored, "rows": rows, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
@@ -86,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only rebuild the page from stored results")
     parser.add_argument("--out", type=Path, help="folder of README.md, results/ and plots/")
     parser.add_argument("--models", nargs="+", help=f"full mode: a subset of {FULL_MODELS}")
-    parser.add_argument("--methods", nargs="+", help="only these methods (keys of benchmarks.methods)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (keys of benchmarks.methods); their rows "
+                        "replace the same rows of the stored results, the other rows are kept")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per child (default 2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int)
@@ -111,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = measure(jobs)
             record = {"mode": mode, "model": model, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                       "wall_s": time.time() - start, "rows": rows}
-            name = f"speed_{mode}_{model}{'_' + args.tag if args.tag else ''}.json"
-            (out / "results" / name).write_text(json.dumps(record, indent=1))
+            path = out / "results" / f"speed_{mode}_{model}{'_' + args.tag if args.tag else ''}.json"
+            if args.methods and path.exists():
+                record = merge(json.loads(path.read_text()), record)
+            path.write_text(json.dumps(record, indent=1))
     if not args.report_only and (not args.methods or "cache" in args.methods):
         cache_epochs(mode, out, threads=args.threads)
     page = write_page(out, mode)

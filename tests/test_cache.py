@@ -122,7 +122,9 @@ def test_any_change_gives_a_new_entry(tmp_path):
     with torch.no_grad():
         model.backbone.model.blocks[1].mlp.fc2.bias[0] += 0.1  # backbone weights
     keys.add(cache.dataset(model, data, batch_size=5).key)
-    assert len(keys) == 5 and len(entries(tmp_path)) == 5 and cache.builds == 5
+    model.backbone.model.global_pool = "avg"  # how pooled features are formed (backbone.feature_options)
+    keys.add(cache.dataset(model, data, batch_size=5).key)
+    assert len(keys) == 6 and len(entries(tmp_path)) == 6 and cache.builds == 6
 
 
 def test_dataset_fingerprint_replaces_sample_hashing(tmp_path):

@@ -140,6 +140,37 @@ def test_bypass_starts_as_the_frozen_model():
         torch.testing.assert_close(tuned(**x), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_bypass_checkpointing_keeps_outputs_and_gradients_and_saves_less(dropout):
+    """Recomputing the side chain in backward changes no number (dropout masks included) and keeps
+    fewer bytes for backward than storing every Res-Tuner's activations."""
+    results = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        tuned = utuning.tune(vit_backbone(depth=4), [("bypass", "blocks.*", {"num_classes": 3, "dropout": dropout,
+                                                                          "checkpoint": flag})]).train()
+        randomize_tuners(tuned)
+        x = pixels(4)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = tuned(**x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in tuned.named_parameters() if p.grad is not None}
+        results[flag] = (out.detach(), grads, sum(saved))
+    (out0, g0, bytes0), (out1, g1, bytes1) = results[False], results[True]
+    torch.testing.assert_close(out1, out0, atol=1e-6, rtol=0)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5)
+    assert bytes1 < 0.5 * bytes0
+
+
 def test_two_side_tuners_share_one_backbone_pass():
     specs = [{"name": "ytuning", "at": "blocks.*", "args": {"num_labels": 3}, "key": "a"},
              {"name": "bypass", "at": "blocks.1", "args": {"num_classes": 4}, "key": "b"}]

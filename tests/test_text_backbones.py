@@ -86,6 +86,29 @@ def test_intermediates_match_hf_hidden_states(family):
     torch.testing.assert_close(feats.final, feats.layers[1])
 
 
+@pytest.mark.parametrize("family", ["bert", "deberta_v3"])
+def test_mean_pooling_reads_real_tokens_only(family):
+    hf, _ = pair(family)
+    backbone = HFTextBackbone(copy.deepcopy(hf), pooling="mean").eval()
+    inputs = padded_inputs(backbone)
+    pad = backbone.model.config.pad_token_id or 0
+    with torch.no_grad():
+        feats = backbone.intermediates(**inputs, layers=[1])
+        hidden = hf.base_model(**inputs).last_hidden_state  # (B, N, D)
+        m = inputs["attention_mask"][..., None].float()
+        torch.testing.assert_close(feats.pooled, (hidden * m).sum(1) / m.sum(1), atol=1e-6, rtol=0)
+        # More padding, or prompts inserted at the input (removed before pooling), change nothing / the pooling.
+        longer = backbone.intermediates(**extra_padding(inputs, pad), layers=[1])
+        torch.testing.assert_close(longer.pooled, feats.pooled, atol=1e-6, rtol=0)
+        logits = backbone(**inputs)
+        torch.testing.assert_close(logits, backbone.head(feats.pooled))
+    assert backbone.feature_options() == {"pooling": "mean"}
+    with pytest.raises(ConfigError, match=r"pooling='max'.*\['cls', 'mean'\]"):
+        HFTextBackbone(tiny_text_model(family), pooling="max")
+    with pytest.raises(ConfigError, match="pooling='avg'"):
+        HFTextBackbone.create(model="bert", pretrained=False, pooling="avg", **TINY)
+
+
 @pytest.mark.parametrize(("family", "tuner"), cases(IDENTITY))
 def test_zero_init_identity(family, tuner):
     hf, make = pair(family)

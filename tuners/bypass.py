@@ -18,6 +18,13 @@ the side state stays on the scale its (learned) outputs give it. Every ``up`` / 
 at zero, so at initialisation ``z`` is the frozen pre-logits and the head a linear probe; the head starts
 as a copy of the frozen head when the shapes agree. ``pool``: ``first`` (class token) or
 ``mean`` (over real tokens, ``Features.mask``).
+
+Memory: the side chain runs over every chosen block's full token map, so keeping each Res-Tuner's
+activations for backward would cost several (B, N, D) tensors per block. With ``checkpoint=True``
+(the default: memory-efficient training is the point of the bypass) each step
+``h_{k-1} -> h_k`` is recomputed in backward (``torch.utils.checkpoint``, non-reentrant, RNG state
+kept), so only the side states ``h_k`` stay alive; the outputs and gradients are unchanged and the
+extra cost is one more forward of the small side chain.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 from utuning.attention import merge_heads, split_heads
 from utuning.backbone import Features
@@ -88,13 +96,14 @@ class ResTuningBypass(SideTuner):
 
     def __init__(self, sites: Sequence[SiteSpec], *, num_classes: int, lateral: str = "adapter",
                  vertical: str = "adapter", hidden: int = 64, tokens: int = 10, pool: str = "first",
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, checkpoint: bool = True) -> None:
         super().__init__(sites)
         positive("num_classes", num_classes)
         positive("hidden", hidden)
         choice("lateral", lateral, RES_TUNERS)
         choice("vertical", vertical, RES_TUNERS)
         self.pool = choice("pool", pool, POOLS)
+        self.checkpoint = bool(checkpoint)
         site = self.sites[0]
         self.lateral = nn.ModuleList(res_tuner(lateral, site, hidden, tokens, dropout) for _ in self.layers)
         # h_0 = 0, so the first vertical tuner would only add a constant: the chain starts at L_1.
@@ -115,9 +124,14 @@ class ResTuningBypass(SideTuner):
     def side_feature(self, feats: Features) -> Tensor:
         """The merged side feature ``z`` (B, D) before the head."""
         first = layer_features(feats, self.layers[0], self.name)  # (B, N, D), detached
-        h = self.lateral[0](first)  # h_1 = L_1(f_1)
+        save = self.checkpoint and torch.is_grad_enabled()
+        h = recompute(self.lateral[0], first, use_reentrant=False) if save else self.lateral[0](first)  # h_1
         for lateral, vertical, i in zip(self.lateral[1:], self.vertical, self.layers[1:]):
-            h = h + vertical(h) + lateral(layer_features(feats, i, self.name))  # (B, N, D)
+            f = layer_features(feats, i, self.name)
+            if save:
+                h = recompute(_side_step, vertical, lateral, h, f, use_reentrant=False)
+            else:
+                h = _side_step(vertical, lateral, h, f)  # (B, N, D)
         if self.pool == "first":
             pooled = h[:, 0]  # (B, D)
         elif feats.mask is None:
@@ -131,4 +145,9 @@ class ResTuningBypass(SideTuner):
         return self.head(self.side_feature(feats))
 
     def extra_repr(self) -> str:
-        return f"layers={self.layers}, pool={self.pool!r}"
+        return f"layers={self.layers}, pool={self.pool!r}, checkpoint={self.checkpoint}"
+
+
+def _side_step(vertical: nn.Module, lateral: nn.Module, h: Tensor, f: Tensor) -> Tensor:
+    """``h_k = h_{k-1} + V_k(h_{k-1}) + L_k(f_k)`` (B, N, D)."""
+    return h + vertical(h) + lateral(f)

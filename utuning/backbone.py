@@ -107,6 +107,11 @@ class Backbone(nn.Module):
         """The original model's state dict (same keys as before wrapping)."""
         return self.model.state_dict()
 
+    def feature_options(self) -> dict[str, Any]:
+        """Settings besides the weights that change ``intermediates`` (e.g. how ``pooled`` is
+        formed): part of the feature-cache key, so that changing one rebuilds cached features."""
+        return {}
+
     @property
     def num_layers(self) -> int:
         return sum(1 for s in self.site_specs().values() if s.kind == "block")

@@ -323,6 +323,7 @@ class FeatureCache:
         parts = {
             "format": FORMAT,
             "backbone": f"{type(model.backbone).__name__}:{weights_fingerprint(model.backbone.frozen_state_dict())}",
+            "backbone_options": model.backbone.feature_options(),
             "layers": sorted(model.side_layers if layers is None else {int(i) for i in layers}),
             "transform": transform_repr(dataset),
             "dtype": str(self.dtype),
