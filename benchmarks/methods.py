@@ -85,6 +85,8 @@ OURS_VIT: dict[str, Callable[[dict], list]] = {
     "vpt_deep": lambda j: [("vpt_deep", "blocks.*", {"tokens": 10}), _head(j)],
     "bitfit": lambda j: [("bitfit", "blocks.*.*.*"), _head(j)],
     "ssf": lambda j: [("ssf", ["blocks.*.attn.qkv", "blocks.*.mlp.fc1"], {"init_std": 0.0}), _head(j)],
+    # PEFT's IA3 setup on timm (``IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"])``).
+    "ia3": lambda j: [("ia3", "blocks.*.attn.qkv"), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}), _head(j)],
     "ytuning": lambda j: [_side("ytuning", j)],
     "bypass": lambda j: [_side("bypass", j)],
 }

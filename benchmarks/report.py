@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.plots import plot_model, plot_scaling
 
 SIDE = {"linear_probe", "ytuning", "bypass"}
-PEFT_PAIRS = [("lora", "peft_lora", "LoRA r=8 on qkv"), ("ssf", "peft_ia3", "IA3 (ours: SSF, the closest scaling method)"),
+PEFT_PAIRS = [("lora", "peft_lora", "LoRA r=8 on qkv"), ("ia3", "peft_ia3", "IA3 on qkv outputs and fc2 inputs"),
               ("lora_merged", "peft_lora_merged", "LoRA merged (inference)")]
 TEXT_PAIRS = [("prefix", "peft_prefix", "prefix tuning, 10 tokens"), ("prompt", "peft_prompt", "prompt tuning, 10 tokens")]
 TARGET_IN = 0.75

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.speed import ROOT, measure
 
 VIT_TRAIN = ["full_timm", "full", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
-             "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ytuning", "bypass", "peft_lora", "peft_ia3"]
+             "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ia3", "ytuning", "bypass", "peft_lora", "peft_ia3"]
 VIT_INFER = ["plain_timm", "plain", "adapter", "parallel_adapter", "dual_u_tuner", "lora", "lora_merged", "prefix",
              "vpt_deep", "peft_lora", "peft_lora_merged"]
 MULTI = ["multi_bypass", "separate_bypass"]

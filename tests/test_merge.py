@@ -48,6 +48,8 @@ SPECS = {
     "lora": [("lora", "blocks.*.attn.qkv", {"rank": 2, "parts": ["q", "v"]}), ("lora", "blocks.*.mlp.fc2", {"rank": 3})],
     "ssf": [("ssf", "blocks.*.*.*", {})],
     "bitfit": [("bitfit", "blocks.*.*.*", {})],
+    "ia3": [("ia3", "blocks.*.attn.qkv", {"parts": ["k", "v"]}), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}),
+            ("ia3", "blocks.*.mlp.fc1", {})],
     # Several reparam tuners on one layer: the merges compose in attachment order.
     "lora+ssf+bitfit": [("lora", "blocks.*.mlp.fc1", {"rank": 2}), ("ssf", "blocks.*.mlp.fc1", {}),
                         ("bitfit", "blocks.*.mlp.fc1", {}), ("p_adapter", "blocks.*.mlp", {"hidden": 4})],
@@ -120,3 +122,29 @@ def test_merge_ignores_non_reparam_tuners(setup):
     frozen = _frozen(tuned)
     tuned.merge()
     assert all(torch.equal(v, frozen[k]) for k, v in tuned.backbone.model.state_dict().items())
+
+
+def test_ia3_equals_peft_ia3_on_the_same_timm_model():
+    """Ours and HF PEFT's IA3 (all of the fused qkv outputs, as PEFT scales them; fc2 inputs)
+    give the same outputs once the learned vectors are equal, and merge the same way."""
+    peft = pytest.importorskip("peft")
+    ref = tiny_vit(depth=2).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    config = peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"])
+    theirs = peft.get_peft_model(copy.deepcopy(ref), config).double().eval()
+    ours = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("ia3", "blocks.*.attn.qkv"),
+                                                            ("ia3", "blocks.*.mlp.fc2", {"feedforward": True})]).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i in range(2):
+            for site in (f"blocks.{i}.attn.qkv", f"blocks.{i}.mlp.fc2"):
+                mine = next(a.tuner for a in ours.attached() if a.sites[0] == site)
+                mine.scale.copy_(1 + 0.3 * torch.randn(mine.scale.shape, generator=g, dtype=torch.float64))
+                module = theirs.base_model.model.get_submodule(site)
+                module.ia3_l["default"].copy_(mine.scale.reshape(module.ia3_l["default"].shape))
+        expected = theirs(x)
+        torch.testing.assert_close(ours.eval()(pixel_values=x), expected, **EXACT)
+        ours.merge()
+        torch.testing.assert_close(ours(pixel_values=x), expected, **EXACT)
+    n_ours = sum(p.numel() for p in ours.trainable_parameters())
+    assert n_ours == sum(p.numel() for n, p in theirs.named_parameters() if "ia3_l" in n)

@@ -28,6 +28,7 @@ IDENTITY = {
     "lora": [("lora", ALL_LINEARS, {"rank": 2})],
     "bitfit": [("bitfit", ALL_LINEARS)],
     "ssf": [("ssf", "blocks.*.mlp.fc1", {"init_std": 0.0})],
+    "ia3": [("ia3", ["blocks.*.attn.k", "blocks.*.attn.v"]), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True})],
     "full": [{"name": "full_finetune", "at": "**"}],
 }
 #: Tuners that change the outputs from the start (inserted tokens, learned keys, a new head).

@@ -43,6 +43,9 @@ CASES = [
     _case("bitfit-linear", [("bitfit", "blocks.*.*.*", {})], True),
     _case("ssf-linear", [("ssf", "blocks.{0..1}.attn.{qkv,proj}", {"init_std": 0.0})], True),
     _case("ssf-paper-init", [("ssf", "blocks.*.mlp.fc1", {})], False),
+    _case("ia3-paper", [("ia3", "blocks.*.attn.qkv", {"parts": ["k", "v"]}),
+                        ("ia3", "blocks.*.mlp.fc2", {"feedforward": True})], True),
+    _case("ia3-proj", [("ia3", "blocks.*.attn.proj", {})], True),
     _case("linear_probe", [("linear_probe", "head", {})], True),
     _case("linear_probe-new-classes", [("linear_probe", "head", {"num_classes": 7})], False),
     _case("full-block0", [("full", "blocks.0", {})], True),
@@ -204,7 +207,7 @@ def test_compositions_expand_to_tuners():
 
 def test_every_bundled_tuner_has_a_paper_and_keyword_only_args():
     for name in ("prompt", "prompt_parallel", "prefix", "adapter", "parallel_adapter", "p_adapter", "p_prefix",
-                 "p_prompt", "lora", "bitfit", "ssf", "linear_probe"):
+                 "p_prompt", "lora", "bitfit", "ssf", "ia3", "linear_probe"):
         cls = utuning.TUNERS.get(name)
         assert cls.paper.startswith("https://arxiv.org/abs/"), name
         assert cls.__doc__ and "arXiv" in cls.__doc__ or "arxiv" in cls.paper, name

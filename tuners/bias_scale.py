@@ -1,11 +1,13 @@
-"""Tuners that shift or scale a frozen linear layer's output: BitFit and SSF. Both merge."""
+"""Tuners that shift or scale a frozen linear layer: BitFit, SSF and IA3. All merge."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from utuning.errors import PlacementError
+from utuning.errors import ConfigError, PlacementError
 from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
@@ -77,3 +79,81 @@ class SSF(Tuner):
         bias = _bias(op, "ssf")
         bias.sub_(self.shift).div_(self.scale)
         op.linear.weight.div_(self.scale[:, None])
+
+
+PART_NAMES = ("q", "k", "v")
+
+
+@register_tuner("ia3")
+class IA3(Tuner):
+    """(IA)³ (Liu et al. 2022, arXiv 2205.05638): learned vectors rescale a frozen linear layer.
+
+    Outputs, ``y = l ⊙ (W x + b)`` (the paper's keys and values: ``parts=["k", "v"]`` on a fused
+    ``qkv`` site, or the ``k`` / ``v`` sites themselves), or with ``feedforward=True`` inputs,
+    ``y = W (l ⊙ x) + b`` (on the FFN's second layer this rescales its hidden activations, the
+    paper's third vector). ``l`` starts at one, the identity. Mergeable: ``merge`` scales the rows
+    (outputs, and the bias) or the columns (inputs) of ``W``; ``unmerge`` divides them back.
+    """
+
+    placement = "reparam"
+    site_kinds = frozenset({"linear"})
+    paper = "https://arxiv.org/abs/2205.05638"
+
+    def __init__(self, site: SiteSpec, *, feedforward: bool = False, parts: Sequence[str] | None = None) -> None:
+        super().__init__(site)
+        self.feedforward = bool(feedforward)
+        split = site.info.get("split", 1)
+        if parts is None:
+            index = list(range(split))
+        elif self.feedforward or split != 3:
+            raise ConfigError(f"ia3 'parts' picks outputs of a fused qkv site; {site.name!r} is not one"
+                              + (" (and feedforward=True scales inputs)" if self.feedforward else ""))
+        else:
+            bad = [p for p in parts if p not in PART_NAMES]
+            if bad or not parts:
+                raise ConfigError(f"ia3 parts {list(parts)!r} must be a non-empty subset of {list(PART_NAMES)}")
+            index = sorted(PART_NAMES.index(p) for p in parts)
+        self.split, self.index, self.part_dim = split, index, site.out_dim // split
+        size = site.dim if self.feedforward else len(index) * self.part_dim
+        self.scale = nn.Parameter(torch.ones(size))  # l: (D_in) or (parts x D_part)
+
+    def vector(self) -> Tensor:
+        """``l`` over the layer's inputs (feedforward) or all its outputs (ones where no part is scaled)."""
+        if self.feedforward or len(self.index) == self.split:
+            return self.scale
+        chunks = list(self.scale.new_ones(self.split, self.part_dim).unbind(0))
+        for j, i in enumerate(self.index):
+            chunks[i] = self.scale[j * self.part_dim:(j + 1) * self.part_dim]
+        return torch.cat(chunks)
+
+    def reparam_input(self, x: Tensor, op: OpHandle) -> Tensor:
+        return x * self.scale if self.feedforward else x
+
+    def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:
+        return y if self.feedforward else y * self.vector()
+
+    def _checked(self, op: OpHandle) -> Tensor:
+        vec = self.vector()
+        if not torch.all(vec != 0):
+            raise PlacementError(f"ia3 at {op.site!r} has a zero scale, which merge could not undo; keep it unmerged")
+        return vec
+
+    @torch.no_grad()
+    def merge(self, op: OpHandle) -> None:
+        vec = self._checked(op)
+        if self.feedforward:
+            op.linear.weight.mul_(vec[None, :])
+            return
+        op.linear.weight.mul_(vec[:, None])
+        if op.linear.bias is not None:
+            op.linear.bias.mul_(vec)
+
+    @torch.no_grad()
+    def unmerge(self, op: OpHandle) -> None:
+        vec = self._checked(op)
+        if self.feedforward:
+            op.linear.weight.div_(vec[None, :])
+            return
+        op.linear.weight.div_(vec[:, None])
+        if op.linear.bias is not None:
+            op.linear.bias.div_(vec)

@@ -111,11 +111,14 @@ class Slot(nn.Module):
         return self.around(x, op, mask)[0]
 
     def linear(self, x: Tensor, layer: nn.Module) -> Tensor:
-        """A frozen linear layer with its reparameterisation tuners (LoRA, SSF, BitFit)."""
-        y = layer(x)
-        for tuner in self.of("reparam"):
-            if not tuner.merged:
-                y = tuner(x, y, self.handle)
+        """A frozen linear layer with its reparameterisation tuners (LoRA, SSF, BitFit, IA3)."""
+        tuners = [t for t in self.of("reparam") if not t.merged]
+        h = x
+        for tuner in tuners:
+            h = tuner.reparam_input(h, self.handle)
+        y = layer(h)
+        for tuner in tuners:
+            y = tuner(x, y, self.handle)
         return y
 
     def prefixes(self, batch_size: int) -> tuple[list[KV], bool]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from utuning.errors import ConfigError, PlacementError, closest
 from utuning.handle import OpHandle
@@ -64,6 +64,12 @@ class Tuner(nn.Module):
 
     def on_attach(self, op: OpHandle) -> None:
         """Called once the tuner sits in its slot (e.g. to copy frozen weights it starts from)."""
+
+    def reparam_input(self, x: Tensor, op: OpHandle) -> Tensor:
+        """reparam tuners: the input the frozen linear layer receives (IA3 on feed-forward layers
+        scales it); ``forward(x, y, op)`` then gets the original ``x`` and the layer's output ``y``.
+        Default: ``x`` unchanged."""
+        return x
 
     def merge(self, op: OpHandle) -> None:
         raise PlacementError(f"Tuner {self.name!r} cannot be merged into the frozen weights")
