@@ -49,6 +49,21 @@ def test_full_mode_jobs_cover_the_issue():
     small = {(j["mode"], j["method"]) for j in run.jobs_for("full", "vit_small_patch16_224", threads=2,
                                                              device="cpu", overrides={})}
     assert ("train", "full_timm") in small and ("infer", "lora_merged") in small
-    assert {("train", m) for m in ("ytuning", "bypass", "peft_lora", "peft_ia3", "vpt_deep", "prefix")} <= small
+    assert {("train", m) for m in ("ytuning", "bypass", "peft_lora", "peft_ia3", "ia3", "vpt_deep", "prefix")} <= small
     assert all(j["batch"] == 32 and j["img"] == 224 for j in run.jobs_for("full", "vit_base_patch16_224", threads=2,
                                                                           device="cpu", overrides={}))
+
+
+def test_partial_runs_replace_their_rows_and_keep_the_others():
+    def row(method, mode="train", tasks=1, t=1.0):
+        return {"method": method, "mode": mode, "tasks": tasks, "median_s": t}
+
+    stored = {"mode": "full", "model": "m", "started": "a", "wall_s": 10.0,
+              "rows": [row("full_timm"), row("lora"), row("lora", "infer"), row("bypass", tasks=3)]}
+    new = {"mode": "full", "model": "m", "started": "b", "wall_s": 2.0, "rows": [row("lora", t=2.0), row("ia3")]}
+    merged = run.merge(stored, new)
+    assert [(r["method"], r["mode"], r["tasks"], r["median_s"]) for r in merged["rows"]] == [
+        ("full_timm", "train", 1, 1.0), ("lora", "train", 1, 2.0), ("lora", "infer", 1, 1.0),
+        ("bypass", "train", 3, 1.0), ("ia3", "train", 1, 1.0)]
+    assert merged["rows"][1]["started"] == "b" and "started" not in merged["rows"][0]
+    assert [r["methods"] for r in merged["runs"]] == ["all", ["lora", "ia3"]]
