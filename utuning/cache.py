@@ -49,7 +49,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
@@ -234,7 +235,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class CachedFeatureDataset(Dataset):
-    """Items ``(Features of one sample, target)``; batch them with ``collate`` (``collate_fn``)."""
+    """Items ``(Features of one sample, target)``; batch them with ``collate`` (``collate_fn``).
+
+    Shards are memory-mapped (``safetensors.safe_open``) and each item reads only its own rows,
+    so memory stays bounded by the operating system's page cache, not by the cache's size;
+    the handles are opened lazily in each DataLoader worker."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path, self.manifest = Path(path), manifest
@@ -242,22 +247,28 @@ class CachedFeatureDataset(Dataset):
         self.layers = list(manifest["layers"])
         self.extra = dict(manifest.get("extra", {}))
         self._offsets = np.cumsum([0] + [s["count"] for s in manifest["shards"]])
-        self._loaded: dict[int, dict[str, Tensor]] = {}
+        self._open: dict[int, tuple[Any, list[str]]] = {}
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _shard(self, j: int) -> dict[str, Tensor]:
-        if j not in self._loaded:  # checksums were verified when the entry was opened
-            self._loaded[j] = load_file(str(self.path / self.manifest["shards"][j]["file"]))
-        return self._loaded[j]
+    def _shard(self, j: int) -> tuple[Any, list[str]]:
+        if j not in self._open:  # checksums were verified when the entry was opened
+            handle = safe_open(str(self.path / self.manifest["shards"][j]["file"]), framework="pt")
+            self._open[j] = handle, list(handle.keys())
+        return self._open[j]
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handles
+        return {**self.__dict__, "_open": {}}
 
     def __getitem__(self, index: int) -> tuple[Features, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cached samples")
         index %= len(self)
         j = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        row = {k: v[index - self._offsets[j]] for k, v in self._shard(j).items()}
+        handle, keys = self._shard(j)
+        r = int(index - self._offsets[j])
+        row = {k: handle.get_slice(k)[r:r + 1][0] for k in keys}
         feats = Features({i: row[f"layer.{i}"] for i in self.layers}, row["final"], row["pooled"], row.get("mask"),
                          dict(self.extra))
         targets = {k.removeprefix("target."): v for k, v in row.items() if k.startswith("target.")}
