@@ -142,7 +142,10 @@ def claims(study: str, agg: dict, reduced: bool) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], plots: Path | None = None) -> str:
+    """The accuracy section; with ``plots`` (a folder), one accuracy-vs-parameters PNG per study."""
+    from benchmarks.plots import plot_accuracy
+
     agg = aggregate(rows)
     lines = ["## Accuracy on real data", "",
              "Every method through `utuning train` recipes in `benchmarks/recipes/` (driver: "
@@ -150,7 +153,10 @@ def markdown(rows: list[dict]) -> str:
              "chosen on it), mean ± standard deviation over the seeds listed; time and memory are the mean over "
              "those runs (one CPU thread per run, two runs at a time on a 2-core machine). The vision backbone of "
              "`fashion_to_mnist` was **pretrained here** on Fashion-MNIST by `utuning train` itself (no ViT "
-             "weights are available offline), then frozen.", ""]
+             "weights are available offline), then frozen. Peak memory is the training process's peak RSS "
+             "(Python, torch and the data included; for cached runs also building the feature cache). Rerun: "
+             "`python -m benchmarks.accuracy --seeds 0 1 2 [--threads 1]` (both studies, every method; hours on "
+             "a 2-core CPU); `--report-only` rebuilds this section.", ""]
     for study in dict.fromkeys(k[0] for k in agg):
         for reduced in (False, True):
             keys = [k for k in agg if k[0] == study and k[2] == reduced]
@@ -171,6 +177,10 @@ def markdown(rows: list[dict]) -> str:
             if found:
                 lines += ["", "The papers' claims here:", "", *found]
             lines.append("")
+            png = plot_accuracy(study + ("_reduced" if reduced else ""), {k[1]: agg[k] for k in keys}, plots) \
+                if plots is not None else None
+            if png:
+                lines += [f"![{study} accuracy](plots/{png.name})", ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["### Runs that did not finish", "", "| study | method | seed | status |", "|---|---|---:|---|"]
@@ -192,7 +202,7 @@ def store(stored: Path, entry: dict) -> None:
         tmp = stored.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1, default=str))
         os.replace(tmp, stored)
-        (stored.parent / "accuracy_full.md").write_text(markdown(rows))
+        (stored.parent / "accuracy_full.md").write_text(markdown(rows, stored.parent.parent / "plots"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     stored = results / "accuracy_full.json"
     if args.report_only:
         rows = json.loads(stored.read_text()) if stored.exists() else []
-        (results / "accuracy_full.md").write_text(markdown(rows))
+        (results / "accuracy_full.md").write_text(markdown(rows, args.out / "plots"))
         return 0
     for study in args.study:
         failed = pretrained_vit(args) if study == "fashion_to_mnist" else None

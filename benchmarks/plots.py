@@ -71,3 +71,29 @@ def plot_scaling(by_model: dict[str, dict[str, dict]], folder: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_accuracy(study: str, points: dict[str, dict], folder: Path) -> Path | None:
+    """Accuracy (mean ± std over seeds) against the tunable share of parameters (log scale)."""
+    pts = [(m, d["share"] * 100, d["mean"], d["std"]) for m, d in points.items() if d["share"] > 0]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, share, mean, std in pts:
+        marker = "s" if m == "full" else ("^" if m in SIDE else "o")
+        ax.errorbar(share, mean, yerr=std, fmt=marker, capsize=3)
+        ax.annotate(m, (share, mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    full = points.get("full")
+    if full:
+        ax.axhline(full["mean"], color="grey", lw=0.8, ls="--", label="full fine-tuning")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("tunable parameters (% of total, log scale)")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(f"{study}: accuracy vs tunable parameters")
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"accuracy_{study}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
