@@ -80,8 +80,11 @@ def _accuracy(summary: dict) -> float | None:
     return (summary.get("final_eval") or {}).get("accuracy")
 
 
-#: Parallel (U-Tuning) form -> the original form it re-writes.
-PARALLEL_FORMS = {"parallel_adapter": "adapter", "p_prefix": "prefix", "p_prompt": "vpt_deep"}
+#: (parallel form, the original form it re-writes, how they compare). ``dual_u_tuner`` is the like-for-like
+#: parallel form of the Houlsby adapter (both on MHA and FFN); ``parallel_adapter`` (AdaptFormer) sits on FFN only.
+PARALLEL_FORMS = [("dual_u_tuner", "adapter", "same placement (MHA + FFN)"),
+                  ("parallel_adapter", "adapter", "AdaptFormer on FFN only vs Houlsby on MHA + FFN"),
+                  ("p_prefix", "prefix", "same tokens"), ("p_prompt", "vpt_deep", "same tokens")]
 YTUNING_SHARE, YTUNING_KEEP = 0.02, 0.96
 STUDY_TITLES = {
     "finefoods": "MiniLM-L6 (all-MiniLM-L6-v2, pretrained) on fine-food reviews (great vs other; 4,000 / 1,000; always answering the majority class scores 0.658)",
@@ -135,10 +138,11 @@ def claims(study: str, agg: dict, reduced: bool) -> list[str]:
         lines.append(f"- Y-tuning ≥ {YTUNING_KEEP:.0%} of full fine-tuning with ≤ {YTUNING_SHARE:.0%} tunable: "
                      f"{yt['mean']:.4f} = {yt['mean'] / full['mean']:.1%} of {full['mean']:.4f}, "
                      f"{yt['share']:.2%} tunable → {verdict(yt, full, YTUNING_KEEP) if small else '**not tested** (over 2%)'}.")
-    for par, orig in PARALLEL_FORMS.items():
+    for par, orig, how in PARALLEL_FORMS:
         a, b = get(par), get(orig)
         if a and b:
-            lines.append(f"- parallel `{par}` ≥ original `{orig}`: {a['mean']:.4f} vs {b['mean']:.4f} → {verdict(a, b)}.")
+            lines.append(f"- parallel `{par}` ≥ original `{orig}` ({how}): {a['mean']:.4f} vs {b['mean']:.4f} → "
+                         f"{verdict(a, b)}.")
     return lines
 
 
