@@ -51,23 +51,26 @@ def plot_model(record: dict, ratios: dict[str, dict], folder: Path) -> Path | No
     return path
 
 
-def plot_scaling(by_model: dict[str, dict[str, dict]], folder: Path) -> Path:
-    """Train-time ratio per method for each model side by side (how ratios move with size)."""
+def plot_scaling(by_model: dict[str, dict[str, dict]], folder: Path, key: str = "train_time") -> Path | None:
+    """A train ratio (``train_time`` or ``train_mem``) per method for each model side by side (how
+    ratios move with size); None when no method has it for every model."""
     models = list(by_model)
     methods = [m for m in by_model[models[0]] if not m.startswith("full")
-               and all(_finite(by_model[x].get(m, {}).get("train_time")) for x in models)]
+               and all(_finite(by_model[x].get(m, {}).get(key)) for x in models)]
+    if not methods:
+        return None
     fig, ax = plt.subplots(figsize=(10, 0.35 * max(len(methods), 4) + 1.5))
     width = 0.8 / max(len(models), 1)
     for k, model in enumerate(models):
-        ax.barh([i + k * width for i in range(len(methods))], [by_model[model][m]["train_time"] for m in methods],
+        ax.barh([i + k * width for i in range(len(methods))], [by_model[model][m][key] for m in methods],
                 height=width, label=model)
     ax.set_yticks([i + width * (len(models) - 1) / 2 for i in range(len(methods))], methods)
     ax.axvline(0.75, color="k", ls="--", lw=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("train step time × full fine-tuning")
+    ax.set_xlabel(f"train step {'time' if key == 'train_time' else 'peak memory'} × full fine-tuning")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(folder) / "scaling_train_time.png"
+    path = Path(folder) / f"scaling_{key}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
