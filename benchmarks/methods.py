@@ -89,6 +89,8 @@ OURS_VIT: dict[str, Callable[[dict], list]] = {
     "ia3": lambda j: [("ia3", "blocks.*.attn.qkv"), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}), _head(j)],
     "ytuning": lambda j: [_side("ytuning", j)],
     "bypass": lambda j: [_side("bypass", j)],
+    # The bypass keeping its side chain's activations (no recomputation): the memory/time trade-off.
+    "bypass_stored": lambda j: [{**_side("bypass", j), "args": {**_side("bypass", j)["args"], "checkpoint": False}}],
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.plots import plot_model, plot_scaling
 
-SIDE = {"linear_probe", "ytuning", "bypass"}
+SIDE = {"linear_probe", "ytuning", "bypass", "bypass_stored"}
 PEFT_PAIRS = [("lora", "peft_lora", "LoRA r=8 on qkv"), ("ia3", "peft_ia3", "IA3 on qkv outputs and fc2 inputs"),
               ("lora_merged", "peft_lora_merged", "LoRA merged (inference)")]
 TEXT_PAIRS = [("prefix", "peft_prefix", "prefix tuning, 10 tokens"), ("prompt", "peft_prompt", "prompt tuning, 10 tokens")]
@@ -206,7 +206,7 @@ def write_page(out: Path, mode: str) -> Path:
                   "the harness works; they say little about the ratios at real shapes.", ""]
     for record in records:
         r0 = record["rows"][0]
-        lines += [f"## {record['model']}", "", f"{_shape(record)}; fp32; {r0.get('threads')} torch threads on "
+        lines += [f"## {record['model']}{' (' + record['tag'] + ')' if record.get('tag') else ''}", "", f"{_shape(record)}; fp32; {r0.get('threads')} torch threads on "
                   f"{r0.get('device', 'cpu')}; {r0['warmup']} warm-up + median of {r0['iters']} timed steps; "
                   f"run started {record['started']}, took {record['wall_s'] / 60:.1f} min{_load(record)}.", ""]
         lines += ["### Train step over full fine-tuning", ""] + train_table(record) + [""]
@@ -221,7 +221,7 @@ def write_page(out: Path, mode: str) -> Path:
             lines += ["### Ours vs HF PEFT on the same timm model", ""] + peft_table(record, PEFT_PAIRS) + [""]
         else:
             lines += ["### Ours vs HF PEFT on the same BERT", ""] + peft_table(record, TEXT_PAIRS) + [""]
-    vits = [r for r in records if r["rows"][0]["family"] == "vit"]
+    vits = [r for r in records if r["rows"][0]["family"] == "vit" and not r.get("tag")]
     if len(vits) > 1:
         lines += ["## From small to base", "", _scaling_table(vits), ""]
         for key in ("train_time", "train_mem"):

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.speed import ROOT, measure
 
 VIT_TRAIN = ["full_timm", "full", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
-             "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ia3", "ytuning", "bypass", "peft_lora", "peft_ia3"]
+             "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ia3", "ytuning", "bypass", "bypass_stored", "peft_lora", "peft_ia3"]
 VIT_INFER = ["plain_timm", "plain", "adapter", "parallel_adapter", "dual_u_tuner", "lora", "lora_merged", "prefix",
              "vpt_deep", "peft_lora", "peft_lora_merged"]
 MULTI = ["multi_bypass", "separate_bypass"]
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = [j for j in jobs if j["method"] in args.methods]
             start = time.time()
             rows = measure(jobs)
-            record = {"mode": mode, "model": model, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
+            record = {"mode": mode, "model": model, "tag": args.tag, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                       "wall_s": time.time() - start, "rows": rows}
             path = out / "results" / f"speed_{mode}_{model}{'_' + args.tag if args.tag else ''}.json"
             if args.methods and path.exists():
