@@ -79,8 +79,9 @@ OURS_VIT: dict[str, Callable[[dict], list]] = {
     "parallel_adapter": lambda j: [("parallel_adapter", "blocks.*.mlp", {"hidden": 64}), _head(j)],
     "dual_u_tuner": lambda j: [("dual_u_tuner", "blocks.*"), _head(j)],
     "tri_u_tuner": lambda j: [("tri_u_tuner", "blocks.*"), _head(j)],
-    "lora": lambda j: [("lora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8}), _head(j)],
-    "lora_merged": lambda j: [("lora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8}), _head(j)],
+    # PEFT's LoRA on timm's fused qkv: one rank-8 pair for the whole (3D, D) matrix (``fused``).
+    "lora": lambda j: [("lora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8, "fused": True}), _head(j)],
+    "lora_merged": lambda j: [("lora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8, "fused": True}), _head(j)],
     "prefix": lambda j: [("prefix", "blocks.*.attn", {"tokens": 10}), _head(j)],
     "vpt_deep": lambda j: [("vpt_deep", "blocks.*", {"tokens": 10}), _head(j)],
     "bitfit": lambda j: [("bitfit", "blocks.*.*.*"), _head(j)],

@@ -45,7 +45,8 @@ def plot_model(record: dict, ratios: dict[str, dict], folder: Path) -> Path | No
     b.set_title("inference")
     fig.suptitle(f"{record['model']} ({record['mode']} mode)")
     fig.tight_layout()
-    path = Path(folder) / f"{record['mode']}_{record['model']}.png"
+    tag = f"_{record['tag']}" if record.get("tag") else ""
+    path = Path(folder) / f"{record['mode']}_{record['model']}{tag}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -176,6 +176,22 @@ def _load(record: dict) -> str:
                " (**the machine was shared: timings are noisy**)" if max(loads) > cores else ""))
 
 
+def _steps(record: dict) -> str:
+    """How many steps each row's median is taken over."""
+    def count(mode: str) -> int | None:
+        return next((r["iters"] for r in record["rows"] if r["mode"] == mode), None)
+
+    r0, train, infer = record["rows"][0], count("train"), count("infer")
+    rounds = int(record.get("rounds") or 1)
+    text = f"{r0['warmup']} warm-up + median of {train} timed train steps"
+    if infer is not None:
+        text += f" / {infer} timed forwards"
+    if rounds > 1:
+        text += (f", each in {rounds} rounds (a fresh process per row and round; job order reversed in every "
+                 f"other round; steps pooled, memory the median of the rounds)")
+    return text
+
+
 def _reason(r: dict) -> str:
     reason = r.get("reason", "")
     return (" ".join(reason) if isinstance(reason, list) else str(reason)).replace("|", "/")[:160]
@@ -206,21 +222,24 @@ def write_page(out: Path, mode: str) -> Path:
                   "the harness works; they say little about the ratios at real shapes.", ""]
     for record in records:
         r0 = record["rows"][0]
-        lines += [f"## {record['model']}{' (' + record['tag'] + ')' if record.get('tag') else ''}", "", f"{_shape(record)}; fp32; {r0.get('threads')} torch threads on "
-                  f"{r0.get('device', 'cpu')}; {r0['warmup']} warm-up + median of {r0['iters']} timed steps; "
-                  f"run started {record['started']}, took {record['wall_s'] / 60:.1f} min{_load(record)}.", ""]
-        lines += ["### Train step over full fine-tuning", ""] + train_table(record) + [""]
+        lines += [f"## {record['model']}{' (' + record['tag'] + ')' if record.get('tag') else ''}", "",
+                  f"{_shape(record)}; fp32; {r0.get('threads')} torch threads on {r0.get('device', 'cpu')}; "
+                  f"{_steps(record)}; run started {record['started']}, took {record['wall_s'] / 60:.1f} min"
+                  f"{_load(record)}.", ""]
+        sections = [("Train step over full fine-tuning", train_table(record))]
         if r0["family"] == "vit":
-            png = plot_model(record, ratios(record), out / "plots")
-            if png:
-                lines += [f"![{record['model']}](plots/{png.name})", ""]
-            lines += ["### Inference over the plain backbone", ""] + infer_table(record) + [""]
-            multi = multi_table(record)
-            if multi:
-                lines += ["### T tasks: one backbone pass with T side tuners vs T separate models", ""] + multi + [""]
-            lines += ["### Ours vs HF PEFT on the same timm model", ""] + peft_table(record, PEFT_PAIRS) + [""]
+            sections += [("Inference over the plain backbone", infer_table(record)),
+                         ("T tasks: one backbone pass with T side tuners vs T separate models", multi_table(record)),
+                         ("Ours vs HF PEFT on the same timm model", peft_table(record, PEFT_PAIRS))]
         else:
-            lines += ["### Ours vs HF PEFT on the same BERT", ""] + peft_table(record, TEXT_PAIRS) + [""]
+            sections += [("Ours vs HF PEFT on the same BERT", peft_table(record, TEXT_PAIRS))]
+        for i, (title, table) in enumerate(sections):
+            if len(table) > 2:  # a header and its rule only: nothing of this kind was measured
+                lines += [f"### {title}", ""] + table + [""]
+            if i == 0 and r0["family"] == "vit":
+                png = plot_model(record, ratios(record), out / "plots")
+                if png:
+                    lines += [f"![{record['model']}](plots/{png.name})", ""]
     vits = [r for r in records if r["rows"][0]["family"] == "vit" and not r.get("tag")]
     if len(vits) > 1:
         lines += ["## From small to base", "", _scaling_table(vits), ""]

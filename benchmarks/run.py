@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +45,9 @@ FULL_MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "bert-base"]
 CACHE = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "samples": 32, "batch": 8},
          "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "samples": 128, "batch": 32}}
 TASKS = 3
+#: An inference step is cheap next to a train step: time this many more of them (ratios near 1.00,
+#: such as merged LoRA over the plain backbone, need the extra samples to be read at all).
+INFER_ITERS_FACTOR = 3
 
 
 def jobs_for(mode: str, model: str, *, threads: int, device: str, overrides: dict) -> list[dict]:
@@ -55,9 +59,10 @@ def jobs_for(mode: str, model: str, *, threads: int, device: str, overrides: dic
     if family == "text":
         return [dict(base, mode="train", method=m) for m in (QUICK_TEXT_TRAIN if quick else TEXT_TRAIN)]
     jobs = [dict(base, mode="train", method=m) for m in (QUICK_VIT_TRAIN if quick else VIT_TRAIN)]
-    jobs += [dict(base, mode="infer", method=m) for m in (QUICK_VIT_INFER if quick else VIT_INFER)]
+    infer = dict(base, iters=base["iters"] * (1 if quick else INFER_ITERS_FACTOR))
+    jobs += [dict(infer, mode="infer", method=m) for m in (QUICK_VIT_INFER if quick else VIT_INFER)]
     for mode_ in ("infer",) if quick else ("train", "infer"):
-        jobs += [dict(base, mode=mode_, method=m, tasks=TASKS) for m in MULTI]
+        jobs += [dict(base if mode_ == "train" else infer, mode=mode_, method=m, tasks=TASKS) for m in MULTI]
     return jobs
 
 
@@ -81,6 +86,40 @@ def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
 
 def _row_key(row: dict) -> tuple:
     return row["method"], row["mode"], row["tasks"]
+
+
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """Rows of the same jobs measured in several rounds (each job in a fresh process per round) ->
+    one row per job: the median over every timed step of every round, the median of the rounds'
+    peak memories, and each round's own numbers under ``rounds``. A job that failed in any round
+    keeps that round's error."""
+    out = []
+    for per_job in zip(*rounds):
+        bad = [r for r in per_job if r["status"] != "ok"]
+        if bad:
+            out.append(bad[0])
+            continue
+        times = [t for r in per_job for t in r["times_s"]]
+        row = dict(per_job[0], times_s=times, median_s=statistics.median(times),
+                   peak_mib=statistics.median(r["peak_mib"] for r in per_job),
+                   load=[x for r in per_job for x in r.get("load", [])],
+                   rounds=[{"median_s": r["median_s"], "peak_mib": r["peak_mib"], "load": r.get("load")} for r in per_job])
+        out.append(row)
+    return out
+
+
+def measure_rounds(jobs: list[dict], rounds: int) -> list[dict]:
+    """Measure every job ``rounds`` times, the job order reversed in every other round, so that a
+    machine drifting during the run (heat, other work) weighs on every configuration alike."""
+    if rounds <= 1:
+        return measure(jobs)
+    results = []
+    for k in range(rounds):
+        print(f"round {k + 1}/{rounds}")
+        order = jobs if k % 2 == 0 else jobs[::-1]
+        rows = measure(order)
+        results.append(rows if k % 2 == 0 else rows[::-1])
+    return combine(results)
 
 
 def merge(stored: dict, new: dict) -> dict:
@@ -109,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every job this many times, in alternating "
+                        "order, and pool the timed steps (default 1)")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     args = parser.parse_args(argv)
 
@@ -125,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.methods:
                 jobs = [j for j in jobs if j["method"] in args.methods]
             start = time.time()
-            rows = measure(jobs)
+            rows = measure_rounds(jobs, args.rounds)
             record = {"mode": mode, "model": model, "tag": args.tag, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
-                      "wall_s": time.time() - start, "rows": rows}
+                      "wall_s": time.time() - start, "rounds": args.rounds, "rows": rows}
             path = out / "results" / f"speed_{mode}_{model}{'_' + args.tag if args.tag else ''}.json"
             if args.methods and path.exists():
                 record = merge(json.loads(path.read_text()), record)

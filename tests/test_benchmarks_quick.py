@@ -67,3 +67,22 @@ def test_partial_runs_replace_their_rows_and_keep_the_others():
         ("bypass", "train", 3, 1.0), ("ia3", "train", 1, 1.0)]
     assert merged["rows"][1]["started"] == "b" and "started" not in merged["rows"][0]
     assert [r["methods"] for r in merged["runs"]] == ["all", ["lora", "ia3"]]
+
+
+def test_rounds_pool_the_steps_and_keep_each_round():
+    def row(method, times, peak, status="ok"):
+        return {"method": method, "mode": "train", "tasks": 1, "status": status, "times_s": times,
+                "median_s": sorted(times)[len(times) // 2], "peak_mib": peak, "load": [0.5, 0.7]}
+
+    first = [row("full_timm", [1.0, 1.2, 1.1], 100.0), row("lora", [0.7, 0.8, 0.6], 80.0)]
+    second = [row("full_timm", [1.3, 1.4, 1.5], 120.0), row("lora", [0.9, 0.7, 0.8], 60.0, status="error")]
+    pooled = run.combine([first, second])
+    assert pooled[0]["median_s"] == 1.25 and pooled[0]["peak_mib"] == 110.0 and len(pooled[0]["times_s"]) == 6
+    assert [r["median_s"] for r in pooled[0]["rounds"]] == [1.1, 1.4]
+    assert pooled[1]["status"] == "error"  # a failure in any round is not averaged away
+
+
+def test_full_mode_times_more_forwards_than_train_steps():
+    jobs = run.jobs_for("full", "vit_small_patch16_224", threads=2, device="cpu", overrides={"iters": 3})
+    assert {j["iters"] for j in jobs if j["mode"] == "train"} == {3}
+    assert {j["iters"] for j in jobs if j["mode"] == "infer"} == {3 * run.INFER_ITERS_FACTOR}

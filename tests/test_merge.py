@@ -148,3 +148,55 @@ def test_ia3_equals_peft_ia3_on_the_same_timm_model():
         torch.testing.assert_close(ours(pixel_values=x), expected, **EXACT)
     n_ours = sum(p.numel() for p in ours.trainable_parameters())
     assert n_ours == sum(p.numel() for n, p in theirs.named_parameters() if "ia3_l" in n)
+
+
+def test_fused_lora_equals_peft_lora_on_the_same_timm_model():
+    """``fused: true`` is PEFT's LoRA on timm's fused qkv (one low-rank pair for the whole matrix):
+    same parameter count, same outputs once the weights are equal, before and after merging."""
+    peft = pytest.importorskip("peft")
+    ref = tiny_vit(depth=2).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theirs = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"]))
+    theirs = theirs.double().eval()
+    ours = utuning.tune(utuning.wrap(copy.deepcopy(ref)),
+                        [("lora", "blocks.*.attn.qkv", {"rank": 4, "alpha": 8, "fused": True})]).double().eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i in range(2):
+            mine = next(a.tuner for a in ours.attached() if a.sites[0] == f"blocks.{i}.attn.qkv")
+            module = theirs.base_model.model.get_submodule(f"blocks.{i}.attn.qkv")
+            mine.lora_B.normal_(generator=g)
+            module.lora_A["default"].weight.copy_(mine.lora_A[0])
+            module.lora_B["default"].weight.copy_(mine.lora_B[0])
+        expected = theirs(x)
+        torch.testing.assert_close(ours(pixel_values=x), expected, **EXACT)
+        ours.merge()
+        torch.testing.assert_close(ours(pixel_values=x), expected, **EXACT)
+    n_theirs = sum(p.numel() for n, p in theirs.named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in ours.trainable_parameters()) == n_theirs
+
+
+@pytest.mark.parametrize("parts", [None, ["q", "v"], ["k"]])
+def test_lora_on_fused_qkv_adapts_each_chosen_projection_separately(parts):
+    """Per-part LoRA on a fused qkv equals LoRA on separate q/k/v layers: part p's output moves by
+    (alpha/rank)·B_p A_p x and the parts not chosen do not move."""
+    ref = tiny_vit(depth=1).double().eval()
+    tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)),
+                         [("lora", "blocks.0.attn.qkv", {"rank": 2, "alpha": 4, "parts": parts})]).double()
+    lora = next(a.tuner for a in tuned.attached())
+    with torch.no_grad():
+        lora.lora_B.normal_(generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 7, ref.embed_dim, dtype=torch.float64)
+    y = torch.randn(5, 7, 3 * ref.embed_dim, dtype=torch.float64)
+    out = lora(x, y, None)
+    d = ref.embed_dim
+    chosen = ["q", "k", "v"] if parts is None else parts
+    for p, name in enumerate(("q", "k", "v")):
+        moved = out[..., p * d:(p + 1) * d] - y[..., p * d:(p + 1) * d]
+        if name in chosen:
+            j = chosen.index(name) if parts is None else sorted(chosen, key="qkv".index).index(name)
+            expected = 2.0 * x @ lora.lora_A[j].T @ lora.lora_B[j].T
+            torch.testing.assert_close(moved, expected, **EXACT)
+        else:
+            assert torch.equal(moved, torch.zeros_like(moved))
+    torch.testing.assert_close(lora.delta_weight() @ x[0].T, (out - y)[0].T, **EXACT)

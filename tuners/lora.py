@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utuning.errors import ConfigError
@@ -22,9 +23,12 @@ PART_NAMES = ("q", "k", "v")
 class LoRA(Tuner):
     """Low-rank adaptation (Hu et al. 2021, arXiv 2106.09685): ``y = W x + (alpha/rank)·B A x``.
 
-    ``B`` starts at zero. On a fused ``qkv`` site, ``parts`` picks the projections to adapt
-    (the paper adapts ``["q", "v"]``); elsewhere the whole layer is adapted. ``merge`` adds
-    ``(alpha/rank)·B A`` to the frozen weight, ``unmerge`` subtracts it.
+    ``B`` starts at zero. On a fused ``qkv`` site each projection gets its own rank-``rank`` pair,
+    as on separate q/k/v layers, and ``parts`` picks the projections to adapt (the paper adapts
+    ``["q", "v"]``); ``fused: true`` instead adapts the fused (3·D, D) matrix with one pair, as
+    HF PEFT does with ``target_modules=["qkv"]`` (a third of the parameters). Elsewhere the whole
+    layer is adapted. ``merge`` adds ``(alpha/rank)·B A`` to the frozen weight, ``unmerge``
+    subtracts it.
     """
 
     placement = "reparam"
@@ -32,10 +36,15 @@ class LoRA(Tuner):
     paper = "https://arxiv.org/abs/2106.09685"
 
     def __init__(self, site: SiteSpec, *, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 parts: Sequence[str] | None = None) -> None:
+                 parts: Sequence[str] | None = None, fused: bool = False) -> None:
         super().__init__(site)
         positive("rank", rank)
         split = site.info.get("split", 1)
+        if fused and parts is not None:
+            raise ConfigError(f"lora at {site.name!r}: 'fused: true' adapts the whole fused matrix; drop 'parts' "
+                              "or set 'fused: false'")
+        if fused:
+            split = 1
         if parts is None:
             index = list(range(split))
         elif split != 3:
@@ -55,24 +64,24 @@ class LoRA(Tuner):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
+    def up_weight(self) -> Tensor:
+        """All parts' ``B`` (times ``alpha/rank``) as one (D_out, parts·rank) matrix: ``B_j`` sits in
+        the rows of its projection and the columns of its rank block, zeros elsewhere, so the
+        update of every part is one matmul with no split, stack or permute of the output."""
+        n, d, r = self.lora_B.shape
+        up = self.lora_B.new_zeros(self.split, d, n, r)
+        for j, i in enumerate(self.index):
+            up[i, :, j] = self.lora_B[j] * self.scaling
+        return up.reshape(self.split * d, n * r)
+
     def delta_weight(self) -> Tensor:
         """The update of the full weight, (D_out, D_in)."""
-        blocks = [torch.zeros(self.part_dim, self.lora_A.shape[-1], dtype=self.lora_A.dtype, device=self.lora_A.device)
-                  for _ in range(self.split)]
-        for j, i in enumerate(self.index):
-            blocks[i] = self.lora_B[j] @ self.lora_A[j]
-        return torch.cat(blocks, dim=0) * self.scaling
+        return self.up_weight() @ self.lora_A.flatten(0, 1)
 
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
-        n, r = self.lora_A.shape[:2]
-        h = self.dropout(x) @ self.lora_A.reshape(n * r, -1).T  # one matmul for all parts: (..., n*r)
-        delta = torch.einsum("...nr,ndr->...nd", h.unflatten(-1, (n, r)), self.lora_B * self.scaling)  # (..., n, D_part)
-        if n == self.split:  # every part adapted (or an unsplit layer): no zero blocks to build
-            return y + delta.flatten(-2)
-        ys = list(y.unflatten(-1, (self.split, self.part_dim)).unbind(-2))  # split fused q, k, v outputs
-        for j, i in enumerate(self.index):
-            ys[i] = ys[i] + delta[..., j, :]
-        return torch.stack(ys, dim=-2).flatten(-2)
+        h = F.linear(self.dropout(x), self.lora_A.flatten(0, 1))  # every part's down-projection: (..., parts·r)
+        # y + h @ up^T in one fused multiply-add over the flattened tokens.
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.up_weight().T).view(y.shape)
 
     @torch.no_grad()
     def merge(self, op: OpHandle) -> None:

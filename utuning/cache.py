@@ -39,11 +39,10 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,105 +55,10 @@ from torch.utils.data import Dataset, default_collate
 
 from utuning.backbone import Features
 from utuning.errors import CacheError
+from utuning.fingerprint import random_augmentation, seeded, transform_repr, update_hash, weights_fingerprint
 
 FORMAT = 1
 TARGET_KEYS = ("labels", "label", "start_positions", "end_positions")
-AUGMENTATIONS = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "ColorJitter", "RandomErasing",
-                 "ElasticTransform", "GaussianNoise")
-
-
-# Fingerprints --------------------------------------------------------------------------
-def _update(h: Any, value: Any) -> None:
-    """Feed a sample (tensors, arrays, numbers, strings, images, containers) into a hash."""
-    if isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray):
-        h.update(f"A{value.dtype}{value.shape}".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        h.update(b"{")
-        for k in sorted(value, key=str):
-            h.update(repr(k).encode())
-            _update(h, value[k])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _update(h, v)
-        h.update(b"]")
-    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
-        h.update(repr(value).encode())
-    elif hasattr(value, "tobytes") and hasattr(value, "size"):  # PIL images
-        h.update(f"I{getattr(value, 'mode', '')}{value.size}".encode())
-        h.update(value.tobytes())
-    else:
-        raise CacheError(
-            f"Cannot fingerprint a dataset sample part of type {type(value).__name__}; give the dataset a "
-            "fingerprint() method returning a string that changes whenever its data does"
-        )
-
-
-def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
-    """sha256 over every frozen tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        _update(h, state[name])
-    return h.hexdigest()
-
-
-def _chain(dataset: Any) -> Iterator[Any]:
-    """The dataset and the datasets it wraps (``Subset.dataset`` ...)."""
-    seen = 0
-    while dataset is not None and seen < 16:
-        yield dataset
-        dataset, seen = getattr(dataset, "dataset", None), seen + 1
-
-
-def transform_repr(dataset: Any) -> str:
-    return " | ".join(repr(getattr(d, "transform", None)) for d in _chain(dataset))
-
-
-def _transforms(t: Any, depth: int = 0) -> Iterator[Any]:
-    if t is None or depth > 8:
-        return
-    yield t
-    for attr in ("transforms", "transform"):
-        inner = getattr(t, attr, None)
-        if isinstance(inner, (list, tuple, torch.nn.ModuleList)):
-            for x in inner:
-                yield from _transforms(x, depth + 1)
-        elif inner is not None and inner is not t:
-            yield from _transforms(inner, depth + 1)
-
-
-def random_augmentation(dataset: Any) -> str | None:
-    """The name of the first random augmentation in the dataset's transforms, if any."""
-    for d in _chain(dataset):
-        if getattr(d, "augmented", False):
-            return f"{type(d).__name__}.augmented=True"
-        for t in _transforms(getattr(d, "transform", None)):
-            name = type(t).__name__
-            if name.startswith("Random") or name in AUGMENTATIONS:
-                return name
-    return None
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch, numpy and ``random`` inside, and restore their states after."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
 
 
 # Samples -----------------------------------------------------------------------------------
@@ -347,7 +251,7 @@ class FeatureCache:
             h = hashlib.sha256()
             with seeded(view_seed) if aug else contextlib.nullcontext():
                 for i in range(len(dataset)):
-                    _update(h, dataset[i])
+                    update_hash(h, dataset[i])
             parts["data"] = f"samples:{len(dataset)}:{h.hexdigest()}"
         return parts
 
