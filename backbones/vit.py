@@ -220,10 +220,8 @@ class ViTBackbone(Backbone):
 
     def _blocks(self, x: Tensor) -> Tensor:
         for block in self.model.blocks:
-            if self.model.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.model.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x)
         return x
 
     def _strip(self, x: Tensor, n_tokens: int) -> Tensor:
@@ -248,17 +246,20 @@ class ViTBackbone(Backbone):
         return self.slot("head").apply(pooled, lambda t, _: self.model.head(t))
 
     def intermediates(self, pixel_values: Tensor, *, layers: list[int]) -> Features:
-        """Block outputs through timm's ``forward_intermediates`` (class/register tokens kept)."""
-        m = self.model
-        final, inter = m.forward_intermediates(
-            # No layers (a linear probe reads only ``pooled``): ask for the last block, keep none.
-            pixel_values, indices=sorted(layers) or [len(m.blocks) - 1], return_prefix_tokens=True, norm=False,
-            output_fmt="NLC",
-        )
-        if m.num_prefix_tokens:
-            inter = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
+        """Block outputs (class/register tokens kept) through the same slots as ``forward``, so
+        tuners inside the backbone (prompts at ``embed`` included) shape what side tuners read;
+        prompts kept past their block are stripped, as before the head."""
+        m, wanted = self.model, set(layers)
+        n_tokens = self._n_tokens(pixel_values)
+        x, inter = self._tokens(pixel_values), {}
+        for i, block in enumerate(m.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if m.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x)
+            if i in wanted:
+                inter[i] = self._strip(x, n_tokens)
+        final = self.slot("norm").apply(self._strip(x, n_tokens), lambda t, _: m.norm(t))
         pooled = m.forward_head(final, pre_logits=True)
-        return Features(dict(zip(sorted(layers), inter)), final, pooled, None, {"prefix_tokens": m.num_prefix_tokens})
+        return Features(inter, final, pooled, None, {"prefix_tokens": m.num_prefix_tokens})
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, Tensor]:
         size = self.model.patch_embed.img_size

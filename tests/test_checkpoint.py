@@ -154,3 +154,21 @@ def test_export_full_finetune_backbone_loads_into_timm(tmp_path):
     with pytest.raises(ConfigError, match="cannot be folded"):
         export_backbone(tmp_path / "adapter", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_run_ended_by_steps_inside_an_epoch_resumes_with_that_epochs_remaining_batches(tmp_path):
+    """``train.steps`` can stop a run inside an epoch; resumed with more steps it goes on with the
+    rest of that epoch (not the next one), so it ends where a run given the larger count does."""
+    def recipe(out, steps):
+        r = tiny_recipe(out, tuners=DROPOUT_TUNERS, steps=steps)
+        r.schedule.name = "none"  # a schedule depends on the total count, which resuming changes
+        return r
+
+    short = train(recipe(tmp_path / "a", 3), data=tiny_data())  # 4 batches per epoch: stops at batch 3 of epoch 0
+    assert short["steps"] == 3 and short["epochs"] == 0.75
+    resumed = train(recipe(tmp_path / "a", 6), resume=True, data=tiny_data())
+    reference = train(recipe(tmp_path / "b", 6), data=tiny_data())
+    assert resumed["steps"] == reference["steps"] == 6 and resumed["epochs"] == reference["epochs"] == 1.5
+    a, b = read_checkpoint(tmp_path / "a")[0], read_checkpoint(tmp_path / "b")[0]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -300,3 +300,32 @@ def test_head_tuners_beside_side_tuners_are_refused():
         utuning.tune(backbone, [{"name": "ytuning", "at": "blocks.*", "args": {"num_labels": 3}},
                                 {"name": "linear_probe", "at": "head"}])
     assert all(len(s) == 0 for s in backbone.slots.values())
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 2])
+def test_vit_features_equal_timms_intermediates_on_an_untuned_model(reg_tokens):
+    vit = tiny_vit(reg_tokens=reg_tokens).eval()
+    x = pixels()["pixel_values"]
+    with torch.no_grad():
+        final, inter = vit.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True, norm=False,
+                                                 output_fmt="NLC")
+        feats = ViTBackbone(tiny_vit(reg_tokens=reg_tokens)).eval().intermediates(x, layers=[0, 1])
+    for i, (spatial, prefix) in enumerate(inter):
+        torch.testing.assert_close(feats.layers[i], torch.cat([prefix, spatial], dim=1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(feats.final, final, atol=1e-6, rtol=0)
+    torch.testing.assert_close(feats.pooled, vit.forward_head(final, pre_logits=True), atol=1e-6, rtol=0)
+
+
+def test_side_tuners_read_features_shaped_by_tuners_inside_the_backbone():
+    """VPT-shallow prompts at ``embed`` (kept through every block) and an adapter in a block change
+    what a bypass reads; the features keep the image's token count (prompts stripped)."""
+    x = pixels()["pixel_values"]
+    plain = utuning.tune(ViTBackbone(tiny_vit()), [("bypass", "blocks.*", {"num_classes": 10})]).eval()
+    mixed = utuning.tune(ViTBackbone(tiny_vit()), [("vpt_shallow", "embed", {"tokens": 3}),
+                                                    ("bypass", "blocks.*", {"num_classes": 10})]).eval()
+    with torch.no_grad():
+        a = plain.backbone.intermediates(x, layers=[0, 1])
+        b = mixed.backbone.intermediates(x, layers=[0, 1])
+        assert b.layers[1].shape == a.layers[1].shape and b.final.shape == a.final.shape
+        assert not torch.allclose(b.layers[1], a.layers[1]) and not torch.allclose(b.pooled, a.pooled)
+        torch.testing.assert_close(b.pooled, mixed.backbone.model.forward_head(b.final, pre_logits=True))

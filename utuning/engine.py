@@ -328,6 +328,7 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
         if state["batch"]:
             loader = accelerator.skip_first_batches(train_loader, state["batch"])
             loader.set_epoch(epoch)
+        stopped_mid_epoch = False
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = compute_loss(task, forward_batch(model, batch, accelerator.device), batch["labels"],
@@ -353,11 +354,15 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
                 if log is not None:
                     log.log("train", state["step"], {"loss": value, "lr": lr}, epoch=epoch)
             if state["step"] >= total_updates:
+                # ``train.steps`` can end a run inside an epoch: the checkpoint then keeps the epoch
+                # and batch, so resuming with more steps goes on with that epoch's remaining batches.
+                stopped_mid_epoch = not accelerator.gradient_state.end_of_dataloader
                 break
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and not accelerator.gradient_state.end_of_dataloader:
                 state["train_time_s"] = time.perf_counter() - started
                 save()
-        state["epoch"], state["batch"] = epoch + 1, 0
+        if not stopped_mid_epoch:
+            state["epoch"], state["batch"] = epoch + 1, 0
         done = state["step"] >= total_updates
         is_best = evaluate_now() if done or (epoch + 1) % recipe.eval.every == 0 else False
         if done or t.checkpoint_every is None or state["step"] % t.checkpoint_every == 0 or is_best:
@@ -374,7 +379,8 @@ def train(recipe: Recipe, *, resume: bool = False, data: tuple[Dataset, Dataset]
         "total_params": total,
         "tunable_share": tunable / max(total, 1),
         "steps": state["step"],
-        "epochs": state["epoch"],
+        # Epochs trained, fractional when ``train.steps`` ended the run inside an epoch.
+        "epochs": state["epoch"] + (round(state["batch"] / len(train_loader), 4) if state["batch"] else 0),
         "best_eval": state["best"],
         "final_eval": (state["last_eval"] or {}).get("metrics"),
         "train_time_s": state["train_time_s"],
