@@ -329,3 +329,27 @@ def test_side_tuners_read_features_shaped_by_tuners_inside_the_backbone():
         assert b.layers[1].shape == a.layers[1].shape and b.final.shape == a.final.shape
         assert not torch.allclose(b.layers[1], a.layers[1]) and not torch.allclose(b.pooled, a.pooled)
         torch.testing.assert_close(b.pooled, mixed.backbone.model.forward_head(b.final, pre_logits=True))
+
+
+@pytest.mark.parametrize("task", ["classification", "labelling", "span"])
+def test_every_ytuning_parameter_is_moved_by_its_tasks_loss(task):
+    """No parameter whose gradient is zero by construction (a bias shared by all labels under a
+    softmax over labels, or constant over tokens under a softmax over tokens)."""
+    torch.manual_seed(0)
+    args = {"task": task, "dropout": 0.0} | ({} if task == "span" else {"num_labels": 4})
+    tuned = utuning.tune(StubText(), [("ytuning", "blocks.*", args)]).double().train()
+    randomize_tuners(tuned)
+    x = text_inputs()
+    out = tuned(**x)
+    real = x["attention_mask"]
+    if task == "classification":
+        loss = F.cross_entropy(out, torch.tensor([0, 1, 3]))
+    elif task == "labelling":
+        loss = labelling_loss(out, torch.randint(0, 4, (3, 7)).masked_fill(~real, -100))
+    else:
+        loss = span_loss(out, torch.tensor([[0, 3], [1, 3], [1, 1]]))
+    loss.backward()
+    # float64: a gradient that is zero by construction comes out at rounding level.
+    grads = {n: 0.0 if p.grad is None else p.grad.abs().max().item() for n, p in tuned.named_trainable_parameters()}
+    dead = [n for n, g in grads.items() if not g > 1e-6 * max(grads.values())]
+    assert not dead, dead

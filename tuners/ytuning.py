@@ -8,9 +8,9 @@ labels attend to each other (self-attention) and to the detached features of the
 
     Y_0 = E_labels W_in                                    # (L, d) label queries
     Y_k = FFN(CrossAttn(SelfAttn(Y_{k-1}), M_k))            # M_k: frozen features, projected to d
-    classification  s_l   = w · Y_K[l] + b                 # (B, L)
+    classification  s_l   = w · Y_K[l] + b_l               # (B, L)
     labelling       s_n,l = <T_n, Y_K[l]> / sqrt(d) + b_l  # (B, N, L): token x label
-    span            s_n = labelling with the two labels "start", "end"       # (B, N, 2)
+    span            s_n = <T_n, Y_K[l]> / sqrt(d), l in ("start", "end")    # (B, N, 2)
 
 Layers: ``fusion="layerwise"`` (default) gives the Y-network one decoder layer per chosen
 backbone layer, bottom-up, each cross-attending to its own layer's features, so the labels see
@@ -79,7 +79,8 @@ class MultiHeadAttention(nn.Module):
         if dim % heads:
             raise ConfigError(f"Argument hidden={dim} must be divisible by heads={heads}")
         self.heads, self.dropout = heads, dropout
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        # No key bias: q·b_k is the same for every key, so a softmax over keys ignores it.
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim, bias=name != "k") for name in ("q", "k", "v", "out"))
 
     def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None) -> Tensor:
         q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
@@ -145,12 +146,16 @@ class YTuning(SideTuner):
         if fusion == "mixture":
             self.mix = nn.Parameter(torch.zeros(len(layers)))
         self.blocks = nn.ModuleList(YLayer(hidden, heads, ffn or 4 * hidden, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden)
+        # Its shift would add the same score to every label (classification, labelling): span only.
+        self.norm = nn.LayerNorm(hidden, bias=self.task == "span")
+        # Only parameters a loss can move: a bias shared by every label is invisible to a softmax
+        # over labels, and one constant over tokens to a softmax over tokens (span), so neither exists.
         if self.task == "classification":
-            self.score = nn.Linear(hidden, 1)
+            self.score = nn.Linear(hidden, 1, bias=False)
         else:
-            self.token = nn.Linear(hidden, hidden)
-            self.bias = nn.Parameter(torch.zeros(num))
+            self.token = nn.Linear(hidden, hidden, bias=self.task == "labelling")
+        if self.task != "span":
+            self.bias = nn.Parameter(torch.zeros(num))  # per label
 
     def _num_labels(self, num_labels: int | None) -> int:
         if self.task == "span":
@@ -199,11 +204,11 @@ class YTuning(SideTuner):
             y = block(y, memory, mask)
         y = self.norm(y)  # (B, L, d)
         if self.task == "classification":
-            return self.score(y).squeeze(-1)  # (B, L)
+            return self.score(y).squeeze(-1) + self.bias  # (B, L)
         tokens = self.token(memories[-1])  # (B, N, d)
-        scores = torch.einsum("bnd,bld->bnl", tokens, y) / math.sqrt(y.shape[-1]) + self.bias  # (B, N, L)
+        scores = torch.einsum("bnd,bld->bnl", tokens, y) / math.sqrt(y.shape[-1])  # (B, N, L)
         if self.task == "labelling":
-            return scores
+            return scores + self.bias
         if mask is not None:
             scores = scores.masked_fill(~mask[..., None], torch.finfo(scores.dtype).min)
         return scores  # (B, N, 2): start, end
