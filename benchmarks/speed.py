@@ -4,11 +4,15 @@
 after the other, so that the peak memory of one configuration never includes another's. The
 child (``python -m benchmarks.speed '<job json>'``) builds the model, then:
 
-* memory, CPU: the kernel's peak-RSS mark (``VmHWM``) is reset to the current RSS through
-  ``/proc/self/clear_refs`` once the model and optimiser are built, and the reported peak is
-  ``VmHWM - RSS after build``: the memory a step adds on top of the weights (activations,
-  gradients, optimiser state, temporaries). Where the reset is refused, ``ru_maxrss`` minus the
-  RSS after build is used instead and the result says so (``memory_method``).
+* memory, CPU: the first step after the model and optimiser are built runs under
+  ``torch.profiler`` with ``profile_memory=True``; every CPU tensor allocation and free it
+  records is summed in time order, and the peak of that sum is the memory the step adds on top
+  of the weights (activations kept for backward, gradients, AdamW state, temporaries): live
+  tensor bytes, the CPU counterpart of ``torch.cuda.max_memory_allocated``, and the same in
+  every process for the same configuration. The process's peak RSS over the timed steps
+  (``VmHWM`` reset through ``/proc/self/clear_refs``, minus the RSS before them) is kept as
+  ``rss_peak_mib``: it includes the allocator's caching and varies by about ±15% between
+  processes.
 * memory, GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
   memory allocated after build.
 * time: ``warmup`` steps, then the median of ``iters`` timed steps (``time.perf_counter``; CUDA
@@ -46,6 +50,26 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _profiled_peak(step) -> int:
+    """Run ``step()`` once under ``torch.profiler`` (``profile_memory``); the peak, in bytes, of the
+    running sum of its CPU tensor allocations and frees (0 at the start of the step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        pass  # the profiler's own one-time start-up, outside the measured step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def run_job(job: dict) -> dict:
@@ -87,9 +111,12 @@ def run_job(job: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         method = "torch.cuda.max_memory_allocated - allocated after build"
     else:
+        tensor_peak = _profiled_peak(step)  # the first step: it allocates the gradients and AdamW state
+        method = "peak of live CPU tensor bytes in the first step (torch.profiler profile_memory)"
+        gc.collect()
         base = _status_kib("VmRSS") * 1024
-        method = "VmHWM (reset after build) - RSS after build" if _reset_peak_rss() \
-            else "ru_maxrss - RSS after build (peak reset refused: may include the build's own peak)"
+        rss_method = "VmHWM (reset before the timed steps) - RSS then" if _reset_peak_rss() \
+            else "ru_maxrss - RSS before the timed steps (peak reset refused: may include the build's own peak)"
     times = []
     for i in range(job["warmup"] + job["iters"]):
         start = time.perf_counter()
@@ -98,17 +125,20 @@ def run_job(job: dict) -> dict:
             torch.cuda.synchronize()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - start)
+    extra = {}
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
-    elif method.startswith("VmHWM"):
-        peak = _status_kib("VmHWM") * 1024 - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = tensor_peak
+        rss = _status_kib("VmHWM") * 1024 if rss_method.startswith("VmHWM") \
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        extra = {"rss_peak_mib": max(rss - base, 0) / 2**20, "rss_method": rss_method}
     return {
         "status": "ok",
         "median_s": statistics.median(times),
         "times_s": times,
         "peak_mib": max(peak, 0) / 2**20,
+        **extra,
         "weights_mib": sum(p.numel() * p.element_size() for p in built.model.parameters()) / 2**20,
         "tunable": sum(p.numel() for p in built.trainable),
         "total": built.total,

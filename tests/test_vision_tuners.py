@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import utuning
 from tests.helpers import (  # noqa: F401 (one_thread: fixture)
@@ -102,6 +103,20 @@ def test_attach_train_and_reload(specs, identity, images):
         assert not torch.allclose(after, before), "moving the tuner weights does not change the outputs"
     assert_only_tuner_grads(tuned, images)
     assert_state_round_trip(make, images)
+
+
+@pytest.mark.parametrize(("specs", "identity"), CASES)
+def test_every_tuner_parameter_is_moved_by_a_classification_loss(specs, identity, images):
+    """No tuner parameter whose gradient is zero by construction (e.g. a bias that adds the same
+    amount to every attention logit of a query, which the softmax removes): ``assert_only_tuner_grads``
+    sees that a gradient exists, this checks it is not zero. float64, so that only rounding is zero."""
+    tuned = utuning.tune(utuning.wrap(tiny_vit().double()), specs).double().train()
+    randomize_tuners(tuned, std=0.2)
+    logits = call(tuned, {"pixel_values": images["pixel_values"].double()})
+    F.cross_entropy(logits, torch.arange(logits.shape[0]) % logits.shape[1]).backward()
+    grads = {n: 0.0 if p.grad is None else p.grad.abs().max().item() for n, p in tuned.named_trainable_parameters()}
+    dead = [n for n, g in grads.items() if not g > 1e-6 * max(grads.values())]
+    assert not dead, dead
 
 
 IDENTITY_CASES = [c for c in CASES if c.values[1]]
