@@ -31,10 +31,20 @@ def run(job: dict) -> dict:
     return {"status": "ok", "sides": sides}
 
 
-def _spec(job: dict) -> dict | tuple:
+#: Side tuners reading fewer, deeper blocks with a smaller network: the configuration of the
+#: Y-tuning paper's "<= 2% of the parameters" regime (and of benchmarks/recipes/finefoods/ytuning.yaml).
+TOP_BLOCKS, TOP_HIDDEN = 3, 64
+
+
+def _spec(job: dict, depth: int) -> dict | tuple:
     from benchmarks.methods import _head, _side
 
-    return _head(job) if job["side"] == "linear_probe" else _side(job["side"], job)
+    if job["side"] == "linear_probe":
+        return _head(job)
+    if job["side"] == "ytuning_top":
+        return {"name": "ytuning", "at": f"blocks.{{{depth - TOP_BLOCKS}..{depth - 1}}}",
+                "args": {"num_labels": job["classes"], "hidden": TOP_HIDDEN}}
+    return _side(job["side"], job)
 
 
 def run_side(job: dict) -> dict:
@@ -52,7 +62,8 @@ def run_side(job: dict) -> dict:
         return {"status": "pending", "reason": f"utuning.cache is missing: {err}"}
     torch.set_num_threads(int(job.get("threads") or 1))
     torch.manual_seed(0)
-    model = utuning.tune(ViTBackbone(_timm(job)), [_spec(job)])
+    backbone = ViTBackbone(_timm(job))
+    model = utuning.tune(backbone, [_spec(job, len(backbone.model.blocks))])
     data = TensorDataset(torch.randn(job["samples"], 3, job["img"], job["img"]),
                          torch.randint(0, job["classes"], (job["samples"],)))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
@@ -86,10 +97,10 @@ def run_side(job: dict) -> dict:
     first = build + first_train
     return {"status": "ok", "uncached_s": uncached, "cache_build_s": build, "first_s": first, "cached_s": cached,
             "cached_over_first": cached / first, "cached_over_uncached": cached / uncached,
-            "disk_mib": disk / 2**20, "tunable": sum(p.numel() for p in model.trainable_parameters())}
+            "disk_mib": disk / 2**20, "tunable": sum(p.numel() for p in model.trainable_parameters()),
+            "total": sum(p.numel() for p in model.parameters())}
 
 
-SIDE_LAYERS = {"linear_probe": "the pooled features only"}
 
 
 def markdown(job: dict, r: dict) -> str:
@@ -97,17 +108,19 @@ def markdown(job: dict, r: dict) -> str:
     head = ["## Epochs from cached features", "",
             f"{job['model']} (random weights{', depth ' + str(job['depth']) if job.get('depth') else ''}), "
             f"{job['samples']} images of {job['img']}×{job['img']}, batch {job['batch']}, {job['threads']} torch "
-            f"threads; side tuners {', '.join(f'`{s}`' for s in sides)} (bypass and Y-tuning read every block's "
-            "tokens, the linear probe only the pooled features); cached epoch = median of "
+            f"threads; side tuners {', '.join(f'`{s}`' for s in sides)} (`bypass` and `ytuning` read every block's "
+            f"tokens with their defaults, `ytuning_top` the last {TOP_BLOCKS} blocks with hidden {TOP_HIDDEN}, "
+            "`linear_probe` only the pooled features); cached epoch = median of "
             f"{job.get('epochs', 3)}. Target: a cached epoch ≤ 0.05 of the first.", ""]
     if r["status"] != "ok":
         return "\n".join(head + [f"Pending: {r.get('reason')}", ""])
     results = r.get("sides") or {job.get("side", "bypass"): r}
-    lines = head + ["| side tuner | uncached epoch (s) | first epoch: cache build + train (s) | cached epoch (s) | "
-                    "× first epoch | target | cache on disk (MiB, fp32) |", "|---|---:|---:|---:|---:|---|---:|"]
+    lines = head + ["| side tuner | tunable | uncached epoch (s) | first epoch: cache build + train (s) | cached epoch (s) | "
+                    "× first epoch | target | cache on disk (MiB, fp32) |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for side, q in results.items():
         ok = q["cached_over_first"] <= 0.05
-        lines.append(f"| {side} | {q['uncached_s']:.2f} | {q['cache_build_s']:.2f} + {q['first_s'] - q['cache_build_s']:.2f} "
+        share = f"{100 * q['tunable'] / q['total']:.2f}%" if q.get("total") else ""
+        lines.append(f"| {side} | {share} | {q['uncached_s']:.2f} | {q['cache_build_s']:.2f} + {q['first_s'] - q['cache_build_s']:.2f} "
                      f"| {q['cached_s']:.2f} | {q['cached_over_first']:.3f} | {'met' if ok else '**missed**'} | "
                      f"{q['disk_mib']:.0f} |")
     return "\n".join(lines + [""])

@@ -135,6 +135,18 @@ def _timm_full(job: dict) -> Built:
     return Built(model, trainable=list(model.parameters()), total=_count(model))
 
 
+def _timm_floor(job: dict) -> Built:
+    """The floor of any tuner inside the backbone: everything frozen but the patch embedding's bias
+    (the first parameter of the network) and the head, so the backward pass runs through every
+    layer for the input gradients but computes no weight gradient on the way."""
+    model = _timm(job)
+    model.requires_grad_(False)
+    trainable = [model.patch_embed.proj.bias, *model.head.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    return Built(model, trainable=trainable, total=_count(model))
+
+
 def _peft_vit(job: dict) -> Built:
     from peft import IA3Config, LoraConfig, get_peft_model
 
@@ -151,7 +163,7 @@ def _peft_vit(job: dict) -> Built:
 
 
 VIT_METHODS: dict[str, Callable[[dict], Built]] = {
-    "full_timm": _timm_full, "plain_timm": _timm_full,
+    "full_timm": _timm_full, "plain_timm": _timm_full, "floor_timm": _timm_floor,
     **{name: _ours_vit for name in OURS_VIT},
     "peft_lora": _peft_vit, "peft_lora_merged": _peft_vit, "peft_ia3": _peft_vit,
     "multi_bypass": _ours_vit, "separate_bypass": _ours_vit, "multi_ytuning": _ours_vit, "separate_ytuning": _ours_vit,

@@ -80,6 +80,8 @@ def _mark(ok: bool | None) -> str:
 def _target(method: str, r: dict) -> tuple[str, bool | None]:
     if method in ("full", "full_timm", "full_hf"):
         return "", None
+    if method == "floor_timm":
+        return "reference: no weight gradients", None
     if math.isnan(r.get("train_time", 0.0)):
         return "time withheld (oversubscribed)", None
     if method in SIDE:
@@ -88,6 +90,12 @@ def _target(method: str, r: dict) -> tuple[str, bool | None]:
     if method.startswith("peft_"):
         return "", None
     return f"time ≤ {TARGET_IN}", r.get("train_time", math.inf) <= TARGET_IN
+
+
+def _name(record: dict, r: dict) -> str:
+    """A row's method, marked when a partial run (``--methods``) measured it after the record's run."""
+    later = r.get("started") and r["started"] != record["started"]
+    return f"{r['method']} (later run, {r['started']})" if later else r["method"]
 
 
 def train_table(record: dict) -> list[str]:
@@ -102,7 +110,7 @@ def train_table(record: dict) -> list[str]:
             continue
         q = rat[r["method"]]
         target, ok = _target(r["method"], q)
-        lines.append(f"| {r['method']} | {_f(q['tunable'] * 100)}% | {r['median_s']:.3f} | {_f(q['train_time'])} | "
+        lines.append(f"| {_name(record, r)} | {_f(q['tunable'] * 100)}% | {r['median_s']:.3f} | {_f(q['train_time'])} | "
                      f"{r['peak_mib']:.0f} | {_f(q['train_mem'])} | {target} | {_mark(ok)} |")
     return lines
 
@@ -124,7 +132,7 @@ def infer_table(record: dict) -> list[str]:
             target, ok = f"≤ {TARGET_ADAPTER_INFER}", x <= TARGET_ADAPTER_INFER
         elif r["method"].endswith("merged"):
             target, ok = f"{TARGET_MERGED:.2f} (±{MERGED_SLACK})", x <= TARGET_MERGED + MERGED_SLACK
-        lines.append(f"| {r['method']} | {r['median_s']:.3f} | {_f(x)} | {target} | {_mark(ok)} |")
+        lines.append(f"| {_name(record, r)} | {r['median_s']:.3f} | {_f(x)} | {target} | {_mark(ok)} |")
     return lines
 
 
@@ -247,7 +255,7 @@ def write_page(out: Path, mode: str) -> Path:
             png = plot_scaling({r["model"]: ratios(r) for r in vits}, out / "plots", key)
             if png:
                 lines += [f"![scaling {key}](plots/{png.name})", ""]
-    for extra in ("cache", "accuracy"):
+    for extra in ("paired", "cache", "accuracy"):
         lines += _extra_section(out, mode, extra)
     notes = HERE / f"notes_{mode}.md"
     if notes.exists():

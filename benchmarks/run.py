@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.speed import ROOT, measure
 
-VIT_TRAIN = ["full_timm", "full", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
+VIT_TRAIN = ["full_timm", "full", "floor_timm", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
              "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ia3", "ytuning", "bypass", "bypass_stored", "peft_lora", "peft_ia3"]
 VIT_INFER = ["plain_timm", "plain", "adapter", "parallel_adapter", "dual_u_tuner", "lora", "lora_merged", "prefix",
              "vpt_deep", "peft_lora", "peft_lora_merged"]
@@ -45,6 +45,9 @@ FULL_MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "bert-base"]
 CACHE = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "samples": 32, "batch": 8},
          "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "samples": 128, "batch": 32}}
 TASKS = 3
+#: Paired timings in one process (``benchmarks.paired``): model, shape and repetitions per mode.
+PAIRED = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "batch": 4, "repeats": 2},
+          "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "batch": 32, "repeats": 4}}
 #: An inference step is cheap next to a train step: time this many more of them (ratios near 1.00,
 #: such as merged LoRA over the plain backbone, need the extra samples to be read at all).
 INFER_ITERS_FACTOR = 3
@@ -70,7 +73,7 @@ def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
     """Run ``benchmarks.cache_epoch`` in a child process; write its JSON and Markdown section."""
     from benchmarks.cache_epoch import markdown
 
-    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "linear_probe"], "threads": threads,
+    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "ytuning_top", "linear_probe"], "threads": threads,
            "epochs": 3}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cache_epoch", json.dumps(job)], cwd=ROOT, env=env,
@@ -81,6 +84,23 @@ def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
     (out / "results" / f"cache_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
     (out / "results" / f"cache_{mode}.md").write_text(markdown(job, result))
     print(f"cache epochs: {result}")
+    return result
+
+
+def paired(mode: str, out: Path, *, threads: int) -> dict:
+    """Run ``benchmarks.paired`` in a child process; write its JSON and Markdown section."""
+    from benchmarks.paired import markdown
+
+    job = {**PAIRED[mode], "family": "vit", "classes": 10, "threads": threads, "device": "cpu", "tasks": 1, "warmup": 1}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.paired", json.dumps(job)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+        {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    (out / "results" / f"paired_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
+    (out / "results" / f"paired_{mode}.md").write_text(markdown(job, result))
+    print(f"paired: {result.get('status')}")
     return result
 
 
@@ -141,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only rebuild the page from stored results")
     parser.add_argument("--out", type=Path, help="folder of README.md, results/ and plots/")
     parser.add_argument("--models", nargs="+", help=f"full mode: a subset of {FULL_MODELS}")
-    parser.add_argument("--methods", nargs="+", help="only these methods (keys of benchmarks.methods); their rows "
-                        "replace the same rows of the stored results, the other rows are kept")
+    parser.add_argument("--methods", nargs="+", help="only these methods (keys of benchmarks.methods; 'cache' and "
+                        "'paired' for those sections); their rows replace the same rows of the stored results, "
+                        "the other rows are kept")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per child (default 2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int)
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = jobs_for(mode, model, threads=args.threads, device=args.device, overrides=overrides)
             if args.methods:
                 jobs = [j for j in jobs if j["method"] in args.methods]
+            if not jobs:  # e.g. --methods cache paired: only those sections
+                continue
             start = time.time()
             rows = measure_rounds(jobs, args.rounds)
             record = {"mode": mode, "model": model, "tag": args.tag, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
@@ -175,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(record, indent=1))
     if not args.report_only and (not args.methods or "cache" in args.methods):
         cache_epochs(mode, out, threads=args.threads)
+    if not args.report_only and (not args.methods or "paired" in args.methods):
+        paired(mode, out, threads=args.threads)
     page = write_page(out, mode)
     print(f"wrote {page}")
     return 0

@@ -72,21 +72,12 @@ def _profiled_peak(step) -> int:
     return peak
 
 
-def run_job(job: dict) -> dict:
-    """Build and time one configuration in this process (the child side)."""
+def make_step(built, job: dict):
+    """Move ``built`` to the job's device and return one step of it: forward, loss, backward and an
+    AdamW step (``mode: train``), or a forward under ``inference_mode`` (``mode: infer``)."""
     import torch
 
-    from benchmarks.methods import Pending, build
-
-    load_start = os.getloadavg()[0]
-    torch.set_num_threads(int(job.get("threads") or os.cpu_count() or 1))
-    torch.manual_seed(0)
-    cuda = job.get("device") == "cuda"
-    try:
-        built = build(job)
-    except Pending as err:
-        return {"status": "pending", "reason": str(err)}
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda" if job.get("device") == "cuda" else "cpu")
     built.model.to(device)
     built.args = tuple(a.to(device) for a in built.args)
     built.kwargs = {k: v.to(device) for k, v in built.kwargs.items()}
@@ -104,6 +95,24 @@ def run_job(job: dict) -> dict:
             with torch.inference_mode():
                 built.forward()
 
+    return step
+
+
+def run_job(job: dict) -> dict:
+    """Build and time one configuration in this process (the child side)."""
+    import torch
+
+    from benchmarks.methods import Pending, build
+
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(int(job.get("threads") or os.cpu_count() or 1))
+    torch.manual_seed(0)
+    cuda = job.get("device") == "cuda"
+    try:
+        built = build(job)
+    except Pending as err:
+        return {"status": "pending", "reason": str(err)}
+    step = make_step(built, job)
     gc.collect()
     if cuda:
         torch.cuda.synchronize()

@@ -65,23 +65,28 @@ class LoRA(Tuner):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def up_weight(self) -> Tensor:
-        """All parts' ``B`` (times ``alpha/rank``) as one (D_out, parts·rank) matrix: ``B_j`` sits in
-        the rows of its projection and the columns of its rank block, zeros elsewhere, so the
-        update of every part is one matmul with no split, stack or permute of the output."""
+        """All parts' ``B`` as one (D_out, parts·rank) matrix, unscaled: ``B_j`` sits in the rows of
+        its projection and the columns of its rank block, zeros elsewhere, so the update of every
+        part is one matmul with no split, stack or permute of the output. A single pair over the
+        whole layer is ``B`` itself (no copy)."""
         n, d, r = self.lora_B.shape
+        if n == 1 and self.split == 1:
+            return self.lora_B[0]
         up = self.lora_B.new_zeros(self.split, d, n, r)
         for j, i in enumerate(self.index):
-            up[i, :, j] = self.lora_B[j] * self.scaling
+            up[i, :, j] = self.lora_B[j]
         return up.reshape(self.split * d, n * r)
 
     def delta_weight(self) -> Tensor:
         """The update of the full weight, (D_out, D_in)."""
-        return self.up_weight() @ self.lora_A.flatten(0, 1)
+        return (self.up_weight() @ self.lora_A.flatten(0, 1)) * self.scaling
 
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
         h = F.linear(self.dropout(x), self.lora_A.flatten(0, 1))  # every part's down-projection: (..., parts·r)
-        # y + h @ up^T in one fused multiply-add over the flattened tokens.
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.up_weight().T).view(y.shape)
+        # y + (alpha/rank)·h @ up^T in one fused multiply-add over the flattened tokens.
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.up_weight().T,
+                          alpha=self.scaling)
+        return out.view(y.shape)
 
     @torch.no_grad()
     def merge(self, op: OpHandle) -> None:
