@@ -47,7 +47,7 @@ CACHE = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "sam
 TASKS = 3
 #: Paired timings in one process (``benchmarks.paired``): model, shape and repetitions per mode.
 PAIRED = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "batch": 4, "repeats": 2},
-          "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "batch": 32, "repeats": 4}}
+          "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "batch": 32, "repeats": 3}}
 #: An inference step is cheap next to a train step: time this many more of them (ratios near 1.00,
 #: such as merged LoRA over the plain backbone, need the extra samples to be read at all).
 INFER_ITERS_FACTOR = 3
