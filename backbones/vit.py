@@ -218,12 +218,6 @@ class ViTBackbone(Backbone):
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixel_values))))  # (B, N, D)
         return self.slot("embed").around(x, lambda t, _: t)[0]
 
-    def _blocks(self, x: Tensor) -> Tensor:
-        for block in self.model.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.model.grad_checkpointing and torch.is_grad_enabled() \
-                else block(x)
-        return x
-
     def _strip(self, x: Tensor, n_tokens: int) -> Tensor:
         # Prompts kept past their block (VPT-shallow) sit after the class/register tokens.
         return remove_tokens(x, x.shape[1] - n_tokens, self.model.num_prefix_tokens)[0]
@@ -234,10 +228,7 @@ class ViTBackbone(Backbone):
         return self.model.num_prefix_tokens + h * w
 
     def forward(self, pixel_values: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, classes)
-        m = self.model
-        x = self._strip(self._blocks(self._tokens(pixel_values)), self._n_tokens(pixel_values))
-        x = self.slot("norm").apply(x, lambda t, _: m.norm(t))
-        return self.head(m.forward_head(x, pre_logits=True))  # (B, D) -> (B, classes)
+        return self.head(self.intermediates(pixel_values, layers=[]).pooled)  # (B, D) -> (B, classes)
 
     def feature_options(self) -> dict[str, Any]:
         return {"global_pool": getattr(self.model, "global_pool", None)}
@@ -246,15 +237,15 @@ class ViTBackbone(Backbone):
         return self.slot("head").apply(pooled, lambda t, _: self.model.head(t))
 
     def intermediates(self, pixel_values: Tensor, *, layers: list[int]) -> Features:
-        """Block outputs (class/register tokens kept) through the same slots as ``forward``, so
+        """Block outputs (class/register tokens kept) on the path ``forward`` takes to the head, so
         tuners inside the backbone (prompts at ``embed`` included) shape what side tuners read;
         prompts kept past their block are stripped, as before the head."""
         m, wanted = self.model, set(layers)
         n_tokens = self._n_tokens(pixel_values)
         x, inter = self._tokens(pixel_values), {}
+        recompute = m.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(m.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if m.grad_checkpointing and torch.is_grad_enabled() \
-                else block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
             if i in wanted:
                 inter[i] = self._strip(x, n_tokens)
         final = self.slot("norm").apply(self._strip(x, n_tokens), lambda t, _: m.norm(t))

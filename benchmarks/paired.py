@@ -61,7 +61,8 @@ def run(job: dict) -> dict:
             spec = dict(job, method=method, mode=mode)
             steps[method] = make_step(build(spec), spec)
         for _ in range(job.get("warmup", 1)):
-            steps[ref](), steps[other]()
+            steps[ref]()
+            steps[other]()
         ratios, times = [], {ref: [], other: []}
         for _ in range(job["repeats"]):
             for method in (ref, other, other, ref):
@@ -73,7 +74,6 @@ def run(job: dict) -> dict:
         out.append({"ref": ref, "method": other, "mode": mode, "ratio": statistics.median(ratios),
                     "q1": q[0], "q3": q[2], "ratios": ratios, "ref_s": statistics.median(times[ref]),
                     "method_s": statistics.median(times[other])})
-        del steps
     return {"status": "ok", "pairs": out}
 
 

@@ -101,7 +101,7 @@ def _name(record: dict, r: dict) -> str:
 def _other_run(record: dict, r: dict, *refs: str) -> bool:
     """Whether row ``r`` and its reference row were measured in different runs (a partial run merged
     into the record): their ratio then includes the machine's drift between the runs."""
-    ref = next((x for x in record["rows"] if x["method"] in refs and x["mode"] == r["mode"]), None)
+    ref = next(filter(None, (_ok(record["rows"], m, r["mode"]) for m in refs)), None)
     return ref is not None and r.get("started", record["started"]) != ref.get("started", record["started"])
 
 

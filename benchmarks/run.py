@@ -12,15 +12,13 @@ can be done in parts with ``--models``), plots under ``DIR/plots/`` and the page
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.speed import ROOT, measure
+from benchmarks.speed import ROOT, measure, run_child
 
 VIT_TRAIN = ["full_timm", "full", "floor_timm", "linear_probe", "adapter", "parallel_adapter", "dual_u_tuner", "tri_u_tuner",
              "lora", "prefix", "vpt_deep", "bitfit", "ssf", "ia3", "ytuning", "bypass", "bypass_stored", "peft_lora", "peft_ia3"]
@@ -69,39 +67,28 @@ def jobs_for(mode: str, model: str, *, threads: int, device: str, overrides: dic
     return jobs
 
 
-def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
-    """Run ``benchmarks.cache_epoch`` in a child process; write its JSON and Markdown section."""
-    from benchmarks.cache_epoch import markdown
-
-    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "ytuning_top", "linear_probe"], "threads": threads,
-           "epochs": 3}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cache_epoch", json.dumps(job)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
-        {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    (out / "results" / f"cache_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
-    (out / "results" / f"cache_{mode}.md").write_text(markdown(job, result))
-    print(f"cache epochs: {result}")
+def _section(kind: str, module: str, job: dict, mode: str, out: Path) -> dict:
+    """Run ``module`` on ``job`` in a child process; write ``results/<kind>_<mode>.json`` and the
+    Markdown section its ``markdown(job, result)`` makes of it."""
+    markdown = importlib.import_module(module).markdown
+    result = run_child(module, job, timeout=3600)
+    (out / "results" / f"{kind}_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
+    (out / "results" / f"{kind}_{mode}.md").write_text(markdown(job, result))
+    print(f"{kind}: {result.get('status')}")
     return result
+
+
+def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
+    """Epochs from cached features (``benchmarks.cache_epoch``)."""
+    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "ytuning_top", "linear_probe"],
+           "threads": threads, "epochs": 3}
+    return _section("cache", "benchmarks.cache_epoch", job, mode, out)
 
 
 def paired(mode: str, out: Path, *, threads: int) -> dict:
-    """Run ``benchmarks.paired`` in a child process; write its JSON and Markdown section."""
-    from benchmarks.paired import markdown
-
+    """Paired timings in one process (``benchmarks.paired``)."""
     job = {**PAIRED[mode], "family": "vit", "classes": 10, "threads": threads, "device": "cpu", "tasks": 1, "warmup": 1}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.paired", json.dumps(job)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
-        {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    (out / "results" / f"paired_{mode}.json").write_text(json.dumps({"job": job, "result": result}, indent=1))
-    (out / "results" / f"paired_{mode}.md").write_text(markdown(job, result))
-    print(f"paired: {result.get('status')}")
-    return result
+    return _section("paired", "benchmarks.paired", job, mode, out)
 
 
 def _row_key(row: dict) -> tuple:

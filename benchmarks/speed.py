@@ -159,27 +159,32 @@ def run_job(job: dict) -> dict:
     }
 
 
-def measure(jobs: list[dict], *, timeout: float = 1800, log=print) -> list[dict]:
-    """Run each job in a fresh child process, in order; returns job + result rows."""
+def run_child(module: str, job: dict, *, timeout: float = 1800) -> dict:
+    """``python -m <module> '<job json>'`` in a fresh process (repository on the path, offline hubs,
+    the job's thread count); its last JSON line, or an error result naming why there is none."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if job.get("threads"):
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, json.dumps(job)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+
+
+def measure(jobs: list[dict], *, timeout: float = 1800, log=print) -> list[dict]:
+    """Run each job in a fresh child process, in order; returns job + result rows."""
     rows = []
     for i, job in enumerate(jobs):
-        if job.get("threads"):
-            env["OMP_NUM_THREADS"] = str(job["threads"])
         start = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", json.dumps(job)], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode == 0 and lines:
-                result = json.loads(lines[-1])
-            else:
-                result = {"status": "error", "reason": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-        except subprocess.TimeoutExpired:
-            result = {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+        result = run_child("benchmarks.speed", job, timeout=timeout)
         rows.append({**job, **result})
         shown = f"{result['median_s']:.3f} s, {result['peak_mib']:.0f} MiB" if result["status"] == "ok" else result
         log(f"[{i + 1}/{len(jobs)}] {job['family']} {job['model']} {job['mode']:<5} {job['method']:<18} "
