@@ -218,8 +218,15 @@ def _sites_backbone(target: str, tiny: bool):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from utuning.report import collect, format_table, plot
+    from utuning.report import collect, format_table, plot, tables_report
 
+    if args.tables or args.markdown or args.csv or args.plots:  # paper-format tables, seeds aggregated
+        print(tables_report(args.runs, value=args.value, markdown=args.markdown, csv=args.csv, plots=args.plots),
+              end="")
+        for path in (args.markdown, args.csv, args.plots):
+            if path:
+                print(f"wrote {path}")
+        return 0
     rows = collect(args.runs)
     print(format_table(rows))
     if args.out:
@@ -293,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "the metric against tunable parameters (log x).")
     p.add_argument("runs", metavar="RUNS_DIR")
     p.add_argument("--out", metavar="PNG", help="write the plot here, e.g. report.png")
+    p.add_argument("--tables", action="store_true",
+                   help="paper-format tables instead: runs differing only by seed aggregated (mean ± std, n); "
+                   "CIFAR-100, FGVC and mean, VTAB-1k groups and both overall means, GLUE and average")
+    p.add_argument("--value", choices=["final", "best"], default="final",
+                   help="for --tables: the last evaluation (default) or the best one of each run")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (implies --tables)")
+    p.add_argument("--csv", metavar="FILE", help="write the tables as CSV, one line per cell (implies --tables)")
+    p.add_argument("--plots", metavar="DIR", help="accuracy-vs-parameters plot per table (implies --tables)")
     p.set_defaults(func=cmd_report)
     return parser
 
