@@ -12,3 +12,5 @@ from utuning.tuners import (  # noqa: F401
     u_tuning,
     ytuning,
 )
+from utuning.tuners import dora, ln_tuning, loha, lokr, oft  # noqa: F401,E402
+from utuning.tuners import fact, vera  # noqa: F401,E402
