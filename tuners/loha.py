@@ -35,7 +35,7 @@ class LoHa(Tuner):
     def __init__(self, site: SiteSpec, *, rank: int = 8, alpha: float = 8.0) -> None:
         super().__init__(site)
         positive("rank", rank)
-        self.scaling = alpha / rank
+        self.rank, self.scaling = rank, alpha / rank
         self.w1_a = nn.Parameter(torch.empty(site.out_dim, rank))  # (D_out, r)
         self.w1_b = nn.Parameter(torch.empty(rank, site.dim))  # (r, D_in)
         self.w2_a = nn.Parameter(torch.empty(site.out_dim, rank))  # (D_out, r)

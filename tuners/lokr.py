@@ -54,7 +54,8 @@ class LoKr(Tuner):
                  decompose_factor: int = -1) -> None:
         super().__init__(site)
         positive("rank", rank)
-        self.scaling = alpha / rank
+        self.rank, self.scaling = rank, alpha / rank
+        self.decompose_both, self.decompose_factor = bool(decompose_both), decompose_factor
         (a, b), (c, d) = factorization(site.out_dim, decompose_factor), factorization(site.dim, decompose_factor)
         if decompose_both and rank < max(a, c) / 2:
             self.w1_a = nn.Parameter(torch.zeros(a, rank))  # (a, r)
