@@ -1,4 +1,4 @@
-"""The tuner zoo on a tiny timm ViT: one table of cases (tuner x site kind) through the shared helpers."""
+"""The tuner zoo on a tiny timm ViT: one table of cases (``tests/tuner_cases.py``) through the shared helpers."""
 
 from __future__ import annotations
 
@@ -18,61 +18,9 @@ from tests.helpers import (  # noqa: F401 (one_thread: fixture)
     randomize_tuners,
     tiny_vit,
 )
+from tests.tuner_cases import CASES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SCALES = ("none", "scalar", "channel", "gate")
-OP_SITES = {"attn": "blocks.*.attn", "mlp": "blocks.*.mlp", "block": "blocks.*"}
-
-
-def _case(id_, specs, identity):
-    return pytest.param(specs, identity, id=id_)
-
-
-# (specs, starts as the identity). Prompt-like tuners change attention from the first step.
-CASES = [
-    _case("prompt-embed-shallow", [("prompt", "embed", {"tokens": 3})], False),
-    _case("prompt-block0-keep", [("prompt", "blocks.0", {"tokens": 3, "keep_outputs": True})], False),
-    _case("prompt-deep", [("prompt", "blocks.*", {"tokens": 3, "dropout": 0.1})], False),
-    _case("prefix", [("prefix", "blocks.*.attn", {"tokens": 3})], False),
-    _case("prefix-mlp-reparam", [("prefix", "blocks.*.attn", {"tokens": 3, "reparam_hidden": 8})], False),
-    _case("prefix-parallel-form", [("prefix", "blocks.*.attn", {"tokens": 3, "form": "parallel"})], False),
-    _case("prompt_parallel", [("prompt_parallel", "blocks.*.attn", {"tokens": 3})], False),
-    _case("lora-qkv-qv", [("lora", "blocks.*.attn.qkv", {"rank": 2, "parts": ["q", "v"]})], True),
-    _case("lora-proj", [("lora", "blocks.*.attn.proj", {"rank": 2})], True),
-    _case("lora-fc1-fc2", [("lora", ["blocks.*.mlp.fc1", "blocks.*.mlp.fc2"], {"rank": 2, "dropout": 0.1})], True),
-    _case("bitfit-linear", [("bitfit", "blocks.*.*.*", {})], True),
-    _case("ssf-linear", [("ssf", "blocks.{0..1}.attn.{qkv,proj}", {"init_std": 0.0})], True),
-    _case("ssf-paper-init", [("ssf", "blocks.*.mlp.fc1", {})], False),
-    _case("ia3-paper", [("ia3", "blocks.*.attn.qkv", {"parts": ["k", "v"]}),
-                        ("ia3", "blocks.*.mlp.fc2", {"feedforward": True})], True),
-    _case("ia3-proj", [("ia3", "blocks.*.attn.proj", {})], True),
-    _case("linear_probe", [("linear_probe", "head", {})], True),
-    _case("linear_probe-new-classes", [("linear_probe", "head", {"num_classes": 7})], False),
-    _case("full-block0", [("full", "blocks.0", {})], True),
-    _case("full-embed-norm-head", [("full", ["embed", "norm", "head"], {})], True),
-    _case("full-linear", [("full", "blocks.1.mlp.fc2", {})], True),
-    _case("full_finetune", [("full_finetune", "**", {})], True),
-    _case("houlsby_adapter", [("houlsby_adapter", "blocks.*", {"hidden": 4})], True),
-    _case("pfeiffer_adapter", [("pfeiffer_adapter", "blocks.*", {"hidden": 4})], True),
-    _case("vpt_deep", [("vpt_deep", "blocks.*", {"tokens": 2})], False),
-    _case("vpt_shallow", [("vpt_shallow", "embed", {"tokens": 2})], False),
-    _case("dual_u_tuner", [("dual_u_tuner", "blocks.*", {"hidden": 4})], True),
-    _case("tri_u_tuner-prefix", [("tri_u_tuner", "blocks.{0..1}", {"tuner": "p_prefix", "tokens": 2})], True),
-]
-for kind, at in OP_SITES.items():
-    CASES += [
-        _case(f"adapter-{kind}", [("adapter", at, {"hidden": 4, "dropout": 0.1})], True),
-        _case(f"parallel_adapter-{kind}", [("parallel_adapter", at, {"hidden": 4, "layernorm": True})], True),
-    ]
-    for scale in SCALES:
-        CASES += [
-            _case(f"p_adapter-{kind}-{scale}", [("p_adapter", at, {"hidden": 4, "scale": scale})], True),
-            _case(f"p_prefix-{kind}-{scale}", [("p_prefix", at, {"tokens": 3, "scale": scale})], True),
-            # A zero scale makes p_prompt the identity; "none" and "gate" scales do not start at zero.
-            _case(f"p_prompt-{kind}-{scale}", [("p_prompt", at, {"tokens": 3, "scale": scale})],
-                  scale in ("scalar", "channel")),
-        ]
 
 
 @pytest.fixture(scope="module")

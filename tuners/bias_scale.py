@@ -1,4 +1,14 @@
-"""Tuners that shift or scale a frozen linear layer: BitFit, SSF and IA3. All merge."""
+"""Tuners that shift or scale a frozen linear layer: BitFit, SSF and IA3. All merge.
+
+Memory: ``z = γ ⊙ y + β`` written as plain autograd keeps the unscaled output ``y`` alive for
+γ's gradient, a second activation beside ``z`` (which the next operation, e.g. GELU or
+attention, usually keeps too); that is why SSF and IA3 trained with more memory than full
+fine-tuning. ``scale_shift`` keeps ``z`` instead and reads ``y = (z − β) / γ`` back in backward,
+so a scaled layer costs nothing beyond what its consumer keeps anyway (and at most one tensor of
+the layer's output size, as a LoRA layer keeps one of its input size). The reconstruction is
+exact up to rounding for γ away from zero (γ starts at one; a channel with γ exactly zero has no
+recoverable ``y``, and its γ gradient is NaN).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +16,43 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from utuning.errors import ConfigError, PlacementError
 from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``z = y ⊙ scale (+ shift)`` over the last dimension, keeping only ``z`` (and the vectors)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:  # y (..., D), scale/shift (D)
+        z = y * scale if shift is None else torch.addcmul(shift, y, scale)
+        ctx.has_shift = shift is not None
+        ctx.y_dtype = y.dtype
+        ctx.save_for_backward(z if ctx.needs_input_grad[1] else None, scale, shift)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # g (..., D)
+        z, scale, shift = ctx.saved_tensors
+        grad_y = (g * scale).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
+        grad_scale = grad_shift = None
+        if ctx.needs_input_grad[1]:
+            y = z if shift is None else z - shift
+            grad_scale = (g * (y / scale)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
+        if ctx.has_shift and ctx.needs_input_grad[2]:
+            grad_shift = g.reshape(-1, g.shape[-1]).sum(0).to(shift.dtype)
+        return grad_y, grad_scale, grad_shift
+
+
+def scale_shift(y: Tensor, scale: Tensor, shift: Tensor | None = None) -> Tensor:
+    """``y ⊙ scale + shift`` (B, N, D) with the memory of one output tensor (see the module doc)."""
+    return _ScaleShift.apply(y, scale, shift)
 
 
 def _bias(op: OpHandle, who: str) -> nn.Parameter:
@@ -66,7 +107,7 @@ class SSF(Tuner):
         self.shift = nn.Parameter(init_std * torch.randn(site.out_dim))
 
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:
-        return y * self.scale + self.shift
+        return scale_shift(y, self.scale, self.shift)
 
     @torch.no_grad()
     def merge(self, op: OpHandle) -> None:
@@ -130,7 +171,7 @@ class IA3(Tuner):
         return x * self.scale if self.feedforward else x
 
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:
-        return y if self.feedforward else y * self.vector()
+        return y if self.feedforward else scale_shift(y, self.vector())
 
     def _checked(self, op: OpHandle) -> Tensor:
         vec = self.vector()

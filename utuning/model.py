@@ -32,6 +32,8 @@ class Attached:
     sites: tuple[str, ...]
     tuner: Tuner
     handle: OpHandle | None
+    # The key of the state this tuner shares with the other instances of its spec, if any.
+    shared_key: str | None = None
 
     def state(self) -> dict[str, Tensor]:
         if self.handle is not None and self.tuner.placement == "unfreeze":
@@ -76,6 +78,7 @@ class TunedModel(nn.Module):
         planned = self._plan(backbone, specs)  # raises before anything is modified
         self.backbone = backbone
         self.side = nn.ModuleDict()
+        self.shared = nn.ModuleDict()  # state shared across the sites of one spec (Tuner.shared_state)
         self.specs = specs
         self._attached: list[Attached] = []
         backbone.model.requires_grad_(False)
@@ -86,6 +89,10 @@ class TunedModel(nn.Module):
             else:
                 backbone.slot(attached.sites[0]).add(attached.tuner)
                 attached.tuner.on_attach(attached.handle)
+            if attached.shared_key is not None and attached.shared_key not in self.shared:
+                self.shared[attached.shared_key] = attached.tuner.shared
+                for p in attached.tuner.shared.parameters():
+                    p.requires_grad_(True)
             for p in attached.trainable().values():
                 p.requires_grad_(True)
             self._attached.append(attached)
@@ -103,6 +110,14 @@ class TunedModel(nn.Module):
             sites = backbone.match(spec.at)
             for site in sites:
                 cls.check_site(site_specs[site])
+            shared = cls.shared_state(tuple(site_specs[s] for s in sites), spec.args)
+            shared_key = None
+            if shared is not None:
+                shared_key = spec.key or cls.name
+                if f"shared.{shared_key}" in keys or "." in shared_key:
+                    raise PlacementError(f"Two specs share the state key {shared_key!r} (or it has a dot); "
+                                         f"give each {cls.name!r} spec a distinct 'key'")
+                keys.add(f"shared.{shared_key}")
             if PLACEMENTS[cls.placement]:
                 for site in sites:
                     key = f"{site}.{cls.name}"
@@ -112,7 +127,10 @@ class TunedModel(nn.Module):
                     slot = backbone.slot(site)
                     if cls.name in slot.tuners:
                         raise PlacementError(f"Site {site!r} already has a {cls.name!r} tuner")
-                    planned.append(Attached(key, (site,), cls(site=site_specs[site], **spec.args), slot.handle))
+                    tuner = cls(site=site_specs[site], **spec.args)
+                    if shared is not None:
+                        tuner.bind_shared(shared)
+                    planned.append(Attached(key, (site,), tuner, slot.handle, shared_key))
             else:
                 key = f"side.{spec.key or cls.name}"
                 if key in keys:
@@ -140,6 +158,9 @@ class TunedModel(nn.Module):
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield f"{a.key}.{name}", p
+        for key, module in self.shared.items():
+            for name, p in module.named_parameters():
+                yield f"shared.{key}.{name}", p
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters()]
@@ -216,9 +237,16 @@ class TunedModel(nn.Module):
                 a.tuner.merged = False
 
     # State ------------------------------------------------------------------------------
+    def _states(self) -> dict[str, Tensor]:
+        """Every saved tuner tensor by stable key: per site, then state shared across sites."""
+        out = {f"{a.key}.{n}": t for a in self._attached for n, t in a.state().items()}
+        out.update({f"shared.{k}.{n}": t for k, m in self.shared.items() for n, t in m.state_dict(keep_vars=True).items()})
+        return out
+
     def tuner_state_dict(self) -> dict[str, Tensor]:
-        """Tuner weights only, with stable keys ``{site}.{tuner}.{param}``."""
-        return {f"{a.key}.{n}": t.detach().clone() for a in self._attached for n, t in a.state().items()}
+        """Tuner weights only, with stable keys ``{site}.{tuner}.{param}`` (``shared.{key}.{name}``
+        for state shared across sites)."""
+        return {k: t.detach().clone() for k, t in self._states().items()}
 
     def load_tuner_state_dict(self, state: Mapping[str, Tensor], strict: bool = True) -> None:
         """Copy tuner weights in; with ``strict`` any missing, unexpected or mis-shaped entry fails
@@ -266,6 +294,11 @@ class TunedModel(nn.Module):
                     "share": n / total if total else 0.0,
                 }
             )
+        for key, module in self.shared.items():
+            sites = [s for a in self._attached if a.shared_key == key for s in a.sites]
+            n = sum(p.numel() for p in module.parameters())
+            rows.append({"site": f"shared.{key} ({len(sites)} sites)", "tuner": key, "placement": "shared",
+                         "parameters": n, "share": n / total if total else 0.0})
         return rows
 
     def format_summary(self) -> str:

@@ -65,6 +65,27 @@ class Tuner(nn.Module):
     def on_attach(self, op: OpHandle) -> None:
         """Called once the tuner sits in its slot (e.g. to copy frozen weights it starts from)."""
 
+    @classmethod
+    def shared_state(cls, sites: Sequence[SiteSpec], args: Mapping[str, Any]) -> nn.Module | None:
+        """State shared by every instance one spec attaches, built once from all the spec's sites
+        before any instance (VeRA's frozen random projections, FacT's factors shared across
+        layers). Its parameters are trained, its buffers saved, under ``shared.{key}.{name}``
+        (``key``: the spec's ``key`` or the tuner's name). Default: nothing shared."""
+        return None
+
+    def bind_shared(self, shared: nn.Module) -> None:
+        """Give this instance its spec's shared state (not registered as a submodule here: the
+        ``TunedModel`` owns it once, so it is neither duplicated nor saved per site)."""
+        self.__dict__["_shared"] = shared
+
+    @property
+    def shared(self) -> nn.Module:
+        """The state shared with the other instances of this spec (see ``shared_state``)."""
+        if "_shared" not in self.__dict__:
+            raise PlacementError(f"Tuner {self.name!r} at {self.site.name!r} shares state across sites; "
+                                 "attach it with utuning.tune(...), which builds that state")
+        return self.__dict__["_shared"]
+
     def reparam_input(self, x: Tensor, op: OpHandle) -> Tensor:
         """reparam tuners: the input the frozen linear layer receives (IA3 on feed-forward layers
         scales it); ``forward(x, y, op)`` then gets the original ``x`` and the layer's output ``y``.

@@ -1,0 +1,66 @@
+"""LoReFT: a low-rank edit of hidden states at chosen positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from utuning.errors import ConfigError
+from utuning.handle import OpHandle
+from utuning.registry import register_tuner
+from utuning.sites import SiteSpec
+from utuning.tuner import Tuner
+from utuning.tuners._common import positive
+
+
+@register_tuner("loreft")
+class LoReFT(Tuner):
+    """Low-rank linear subspace representation fine-tuning (Wu et al. 2024, arXiv 2404.03592,
+    Eq. 2): at the chosen positions the hidden state ``h`` (an operation's output, e.g. a block's,
+    the residual stream) becomes
+
+        Φ(h) = h + Rᵀ (W h + b − R h)
+
+    with ``R`` (r, D) of orthonormal rows (here the Q factor of a free matrix, so it stays
+    orthonormal while trained), ``W`` (r, D) and ``b`` (r) learned. The edit moves ``h`` only
+    inside R's row space, where it sets ``R Φ(h) = W h + b``. Placement ``sequential`` (on
+    ``blocks.{i}``: the residual stream after layer i). Positions: the ``first`` tokens and the
+    ``last`` tokens of the sequence (ReFT's "f+l"); ``last`` counts from the end of the (padded)
+    sequence, since the operation's output carries no mask: with right-padded text use ``first``
+    only. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
+    has ``nn.Linear``'s initialisation, so the edit is not the identity at init (nor in the paper).
+    """
+
+    placement = "sequential"
+    site_kinds = frozenset({"block", "attn", "mlp"})
+    paper = "https://arxiv.org/abs/2404.03592"
+
+    def __init__(self, site: SiteSpec, *, rank: int = 4, first: int = 1, last: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(site)
+        positive("rank", rank)
+        positive("first", first, 0)
+        positive("last", last, 0)
+        if rank > site.out_dim or first + last == 0:
+            raise ConfigError(f"loreft at {site.name!r}: needs rank <= {site.out_dim} (got {rank}) and at least one "
+                              f"position (first={first}, last={last})")
+        self.first, self.last = int(first), int(last)
+        self.basis = nn.Parameter(torch.empty(site.out_dim, rank))  # R = Q(basis)ᵀ
+        nn.init.orthogonal_(self.basis)
+        self.source = nn.Linear(site.out_dim, rank)  # W, b
+        self.dropout = nn.Dropout(dropout)
+
+    def rotation(self) -> Tensor:
+        """``R`` (r, D) with orthonormal rows."""
+        return torch.linalg.qr(self.basis)[0].T
+
+    def edit(self, h: Tensor) -> Tensor:  # (..., D) -> (..., D): Φ(h) − h
+        r = self.rotation()
+        return self.dropout((self.source(h) - h @ r.T) @ r)
+
+    def forward(self, y: Tensor, op: OpHandle) -> Tensor:  # (B, N, D) -> (B, N, D)
+        n = y.shape[1]
+        first = min(self.first, n)
+        index = torch.cat([torch.arange(first), torch.arange(max(n - self.last, first), n)]).to(y.device)
+        out = torch.zeros_like(y)
+        out[:, index] = self.edit(y[:, index])  # only the chosen positions are edited
+        return out
