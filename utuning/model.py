@@ -253,7 +253,7 @@ class TunedModel(nn.Module):
         (all are listed) before anything is copied."""
         if any(a.tuner.merged for a in self._attached):
             raise StateDictError("Unmerge the tuners before loading tuner weights (model.unmerge())")
-        targets = {f"{a.key}.{n}": t for a in self._attached for n, t in a.state().items()}
+        targets = self._states()
         missing = sorted(set(targets) - set(state))
         unexpected = sorted(set(state) - set(targets))
         shapes = sorted(
