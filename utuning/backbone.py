@@ -8,6 +8,7 @@ in its own module under ``backbones/``; the core only sees sites, slots and hand
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from utuning.errors import SiteError, UnsupportedModelError, closest
+from utuning.errors import ConfigError, SiteError, UnsupportedModelError, closest
 from utuning.handle import OpHandle
 from utuning.registry import BACKBONES
 from utuning.sites import SiteSpec, match_sites
@@ -65,6 +66,8 @@ class Backbone(nn.Module):
     """Base class of backbone adapters. Subclasses implement ``forward`` and ``intermediates``."""
 
     name = ""
+    #: ``wrap`` uses a fallback adapter (the generic one) only when no other adapter accepts the model.
+    fallback = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -147,14 +150,27 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
     return BACKBONES.get(name).create(**kwargs)
 
 
-def wrap(model: nn.Module) -> Backbone:
-    """Wrap an already-built model with the first registered adapter that accepts it."""
+def wrap(model: nn.Module, backbone: str | None = None, **kwargs: Any) -> Backbone:
+    """Wrap an already-built model with the adapter named ``backbone`` (e.g. ``"generic"``, with its
+    ``kwargs`` such as ``example_inputs``), or else with the first registered adapter that accepts
+    it, or else, with a warning, with a ``fallback`` adapter (the generic one)."""
     if isinstance(model, Backbone):
+        if backbone is not None and backbone != model.name or kwargs:
+            raise ConfigError(f"The model is already wrapped by the {model.name!r} adapter; pass the unwrapped model "
+                              f"to choose backbone={backbone!r} or its arguments {sorted(kwargs)}")
         return model
-    for name in BACKBONES:
-        cls = BACKBONES.get(name)
-        if cls.accepts(model):
-            return cls(model)
+    if backbone is not None:
+        return BACKBONES.get(backbone)(model, **kwargs)
+    adapters = [BACKBONES.get(name) for name in BACKBONES]
+    for cls in adapters:
+        if not cls.fallback and cls.accepts(model):
+            return cls(model, **kwargs)
+    for cls in adapters:
+        if cls.fallback and cls.accepts(model):
+            warnings.warn(f"No backbone adapter for a {type(model).__module__}.{type(model).__name__}: wrapping it with "
+                          f"the {cls.name!r} adapter (sites are its module paths); pass backbone={cls.name!r} to "
+                          "choose it explicitly", stacklevel=2)
+            return cls(model, **kwargs)
     raise UnsupportedModelError(
         f"No registered backbone adapter accepts a {type(model).__module__}.{type(model).__name__}; "
         f"registered: {list(BACKBONES)}"

@@ -7,6 +7,7 @@ Site names are the same for every backbone::
     blocks.{i}.attn            the MHA operation (ViT: norm -> attention -> layer scale)
     blocks.{i}.mlp             the FFN operation
     blocks.{i}.attn.qkv ...    linear layers inside them (qkv / q / k / v, proj, fc1, fc2)
+    (conv sites)               convolutions, on models wrapped by module path (the generic adapter)
     norm                       the final norm
     head                       the classifier
 
@@ -24,7 +25,7 @@ from typing import Any
 
 from utuning.errors import SiteError, closest
 
-SITE_KINDS = ("embed", "block", "attn", "mlp", "linear", "norm", "head")
+SITE_KINDS = ("embed", "block", "attn", "mlp", "linear", "conv", "norm", "head")
 
 
 @dataclass(frozen=True)

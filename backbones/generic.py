@@ -1,0 +1,379 @@
+"""The generic adapter: any PyTorch model, with its own module paths as sites.
+
+For a model no family adapter knows (a user's ``nn.Module``, a torchvision ResNet, an
+``nn.TransformerEncoder``), ``GenericBackbone`` cannot re-write the blocks' forwards, so it
+exposes what it can see from outside (U-Tuning's ``x' = OP(x) + U(x)``, arXiv 2303.00690, with
+``OP`` a submodule):
+
+==========================  ==============  ===============================================
+module (by type)            site kind       placements
+==========================  ==============  ===============================================
+``nn.Linear``               linear          reparam (LoRA, BitFit, SSF, IA3...), unfreeze
+``nn.Conv1d/2d/3d``         conv            reparam (``conv_lora``), unfreeze
+``nn.MultiheadAttention``   attn (+ linear  prefix, parallel, sequential, unfreeze; q/k/v and
+                            in_proj, out)   out_proj reparam (``torch_mha.py``)
+``nn.Embedding``            embed           unfreeze
+norms (LayerNorm, BN...)    norm            unfreeze
+any other module with       block           parallel, sequential (single-tensor input and
+parameters                                  output, widths from a dry run), side, unfreeze
+==========================  ==============  ===============================================
+
+Site names are module paths (``layer1.0.conv1``, ``encoder.layers.3.self_attn``), selected with
+the usual glob patterns. Prompt and prefix tuning need to know where a module's attention is,
+so only ``nn.MultiheadAttention`` sites take prefixes and no site takes prompts.
+
+**Example inputs.** Widths of a block's input and output, and which blocks take a single tensor
+and return one, are read from one dry run on ``example_inputs`` (eval mode, no gradients, so
+batch-norm statistics do not move). Without them, only module-typed sites (linear, conv,
+attention, norms) are offered. **Layouts**: 2-D tensors are (B, D) features, 3-D ones (B, N, D)
+tokens (``sequence_first=True`` for (N, B, D) models: side tuners then read them transposed),
+4-D and 5-D ones channel-first maps (B, C, H, W): a parallel or sequential tuner reads them as
+tokens (B, H·W, C), and on a block that shrinks the map (a stride-2 residual block) a parallel
+tuner reads its input average-pooled to the output's size.
+
+**Mechanism.** A site module is replaced in its parent by a ``SiteModule`` that *shares* the
+module's own parameter, buffer and child tables (the same dict objects) and holds the module
+itself, unregistered, to call it: state-dict keys, ``named_parameters``, ``.to()`` and
+``load_state_dict`` see exactly the original tensors; no class is swapped, no forward replaced,
+no hook left behind. ``nn.MultiheadAttention`` is re-written by ``TunedMultiheadAttention``.
+Because PyTorch's fused inference path of ``nn.TransformerEncoderLayer`` would skip the slots,
+the adapter runs the model with ``torch.backends.mha`` fast path off.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utuning.backbone import Backbone, Features, refuse
+from utuning.backbones.torch_mha import add_attention_sites
+from utuning.errors import ConfigError, UnsupportedModelError
+from utuning.handle import LinearHandle, OpHandle
+from utuning.registry import register_backbone
+from utuning.sites import SiteSpec
+from utuning.slot import Slot
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm, nn.LocalResponseNorm)
+NOT_ATTENTION = ("the generic adapter does not know where this module's attention is; prompt and prefix "
+                 "tuning need a backbone adapter for the model (or an nn.MultiheadAttention site)")
+NO_EXAMPLE = ("the widths of a module's input and output come from a dry run: wrap with "
+              "example_inputs=... (a tensor, a tuple of arguments or a dict of keyword arguments)")
+
+
+@contextmanager
+def fused_attention_off() -> Iterator[None]:
+    """PyTorch's fused inference path of ``nn.TransformerEncoderLayer`` / ``MultiheadAttention``
+    computes the whole layer in one kernel, skipping the submodules (and the slots) inside it."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def to_tokens(t: Tensor) -> Tensor:
+    """(B, D) -> (B, 1, D); (B, N, D) unchanged; (B, C, *spatial) -> (B, prod(spatial), C)."""
+    if t.dim() == 2:
+        return t[:, None]
+    return t if t.dim() == 3 else t.flatten(2).transpose(1, 2)
+
+
+def from_tokens(tokens: Tensor, like: Tensor) -> Tensor:
+    """Inverse of ``to_tokens`` for a tensor shaped like ``like``."""
+    if like.dim() == 2:
+        return tokens[:, 0]
+    return tokens if like.dim() == 3 else tokens.transpose(1, 2).reshape(like.shape)
+
+
+def _features(t: Tensor) -> int:
+    return t.shape[1] if t.dim() >= 4 else t.shape[-1]
+
+
+@dataclass
+class Recorder:
+    """Outputs of chosen block sites during one ``intermediates`` call (None outside it)."""
+
+    layers: frozenset[int] | None = None
+    found: dict[int, Tensor] = field(default_factory=dict)
+    sequence_first: bool = False
+
+    def note(self, layer: int | None, y: Tensor) -> None:
+        if self.layers is not None and layer in self.layers:
+            y = y.transpose(0, 1) if self.sequence_first and y.dim() == 3 else y
+            self.found[layer] = to_tokens(y)  # (B, N, D)
+
+
+class ModuleHandle(OpHandle):
+    """Handle of a module site: the frozen module; its parameters keep their own names."""
+
+    def __init__(self, site: str, module: nn.Module) -> None:
+        super().__init__(site, {"": module})
+        self.module = module
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from self.module.named_parameters()
+
+
+class SiteModule(nn.Module):
+    """A frozen module seen through its site's slot (see the module docstring: it shares the
+    module's parameter, buffer and child tables, so nothing about the frozen state changes)."""
+
+    def __init__(self, module: nn.Module, slot: Slot, recorder: Recorder, layer: int | None) -> None:
+        super().__init__()
+        for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[table] = module.__dict__[table]
+        self.__dict__["op"] = module  # unregistered: its tensors are reached through the shared tables
+        self.__dict__["slot"] = slot  # registered once, in the backbone adapter
+        self.__dict__["recorder"] = recorder
+        self.layer = layer
+        self.training = module.training
+        self._version = getattr(module, "_version", 1)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        slot = self.slot
+        if slot.of("reparam"):
+            return slot.linear(args[0], self.op)  # linear / conv sites: one input
+        y = self.op(*args, **kwargs)
+        if slot.of("parallel") or slot.of("sequential"):
+            y = self._around(args[0], y)
+        if isinstance(y, Tensor):
+            self.recorder.note(self.layer, y)
+        return y
+
+    def _around(self, x: Tensor, y: Tensor) -> Tensor:
+        """``OP(x) + U(x)`` / ``+ U(OP(x))`` on tokens: maps as (B, H·W, C), the input pooled to
+        the output's spatial size."""
+        if not isinstance(y, Tensor) or y.dim() != x.dim():
+            raise UnsupportedModelError(f"Site {self.slot.spec.name!r} returned {type(y).__name__} for a "
+                                        f"{tuple(x.shape)} input, unlike in the dry run; its tuners need one tensor")
+        if x.dim() >= 4 and x.shape[2:] != y.shape[2:]:
+            x = F.adaptive_avg_pool3d(x, y.shape[2:]) if x.dim() == 5 else F.adaptive_avg_pool2d(x, y.shape[2:])
+        y_tokens = to_tokens(y)
+        return from_tokens(self.slot.apply(to_tokens(x), lambda _x, _m: y_tokens), like=y)
+
+    def train(self, mode: bool = True) -> SiteModule:
+        super().train(mode)
+        self.op.training = mode  # the module reads its own flag (dropout, batch norm)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # the module's parameters, buffers and children
+        except AttributeError:
+            op = self.__dict__.get("op")
+            if op is None:
+                raise
+            return getattr(op, name)  # its other attributes (out_channels, batch_first...)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        self.op._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        self.op._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"site={self.slot.spec.name!r}, op={type(self.op).__name__}: {self.op.extra_repr()}"
+
+
+def _call_shape(args: tuple, kwargs: dict, out: Any) -> dict[str, Any] | str:
+    """What one call of a module looked like, or why tuners cannot read and add to it."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return "its first input is not a floating-point tensor" if x is not None else "it takes no positional input"
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        return f"it returns a {type(out).__name__}, not one floating-point tensor"
+    if x.dim() < 2 or out.dim() < 2 or (x.dim() >= 4) != (out.dim() >= 4) or x.shape[0] != out.shape[0]:
+        return f"it maps {tuple(x.shape)} to {tuple(out.shape)}: not the same batch of features, tokens or maps"
+    if x.dim() == 3 and x.shape[:2] != out.shape[:2]:
+        return f"it maps {tuple(x.shape)} tokens to {tuple(out.shape)}: a different number of tokens"
+    return {"dim": _features(x), "out_dim": _features(out), "layout": "map" if x.dim() >= 4 else "tokens",
+            "in_shape": tuple(x.shape), "out_shape": tuple(out.shape)}
+
+
+def dry_run(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, dict | str], list[str]]:
+    """Call shapes per module path (a reason string where tuners cannot sit beside it) and the
+    order in which the modules returned, from one forward in eval mode without gradients. The
+    temporary hooks record shapes only, and are removed before returning."""
+    calls: dict[str, dict | str] = {}
+    order: list[str] = []
+    modes = {m: m.training for m in model.modules()}
+
+    def record(path: str):
+        def hook(module: nn.Module, a: tuple, kw: dict, out: Any) -> None:
+            shape = _call_shape(a, kw, out)
+            seen = calls.get(path)
+            if seen is not None and seen != shape and not isinstance(seen, str):
+                shape = f"it is called with different shapes ({seen['in_shape']} and {getattr(a[0], 'shape', None)})"
+            calls[path] = shape if seen is None or not isinstance(seen, str) else seen
+            if path not in order:
+                order.append(path)
+        return hook
+
+    handles = [m.register_forward_hook(record(p), with_kwargs=True) for p, m in model.named_modules() if p]
+    try:
+        model.eval()
+        with torch.no_grad(), fused_attention_off():
+            model(*args, **kwargs)
+    except Exception as e:  # the user's model failing on the user's inputs: say so, with the cause
+        raise ConfigError(f"The dry run of {type(model).__name__} on example_inputs failed: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return calls, order
+
+
+def _as_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ConfigError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
+                      f"not a {type(example_inputs).__name__}")
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embed"
+    if isinstance(module, NORMS):
+        return "norm"
+    return "block"
+
+
+def _norm_width(module: nn.Module) -> int:
+    for attr in ("normalized_shape", "num_features", "num_channels", "size"):
+        value = getattr(module, attr, None)
+        if value is not None:
+            return int(value[-1]) if isinstance(value, (tuple, list, torch.Size)) else int(value)
+    return 0
+
+
+@register_backbone("generic")
+class GenericBackbone(Backbone):
+    """Any ``nn.Module``: sites are its module paths (see the module docstring).
+
+    ``example_inputs``: a tensor, a tuple of positional arguments or a dict of keyword arguments
+    for one forward (dry run of block widths; parallel, sequential and side tuners need it).
+    ``sequence_first``: 3-D tensors are (N, B, D) (side tuners read them as (B, N, D))."""
+
+    fallback = True
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Any model with at least one submodule holding parameters (a site)."""
+        return isinstance(model, nn.Module) and any(p and any(True for _ in m.parameters())
+                                                    for p, m in model.named_modules())
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> GenericBackbone:
+        raise ConfigError("The generic adapter wraps a model you built: utuning.tune(model, specs, backbone='generic', "
+                          "example_inputs=...); recipes need a registered backbone adapter")
+
+    def __init__(self, model: nn.Module, *, example_inputs: Any = None, sequence_first: bool = False) -> None:
+        if isinstance(model, Backbone):
+            raise refuse(f"A {type(model).__name__}", "it is already a backbone adapter; pass its model")
+        if not self.accepts(model):
+            raise refuse(f"A {type(model).__name__} without submodules", "the generic adapter's sites are submodules")
+        call = None if example_inputs is None else _as_call(model, example_inputs)
+        calls, order = dry_run(model, *call) if call is not None else ({}, [])
+        occurrences = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
+                       if child is not None]
+        super().__init__(model)  # all checks and the dry run are done: from here on the model changes
+        self._call = call
+        self.recorder = Recorder(sequence_first=sequence_first)
+        replace: dict[int, nn.Module] = {}
+        inside_attention: list[str] = []
+        blocks = [p for p in order if isinstance(calls[p], dict) and _kind(m := model.get_submodule(p)) == "block"
+                  and any(True for _ in m.parameters())]  # side layers: blocks in the order they returned
+        for path, module in model.named_modules():
+            if not path or any(path.startswith(a + ".") for a in inside_attention):
+                continue
+            if not any(True for _ in module.parameters()):
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                inside_attention.append(path)
+                replace[id(module)] = add_attention_sites(self, path, module)
+                continue
+            layer = blocks.index(path) if path in blocks else None
+            spec, handle = self._site(path, module, calls.get(path), layer, call is not None)
+            slot = self.add_site(spec, handle)
+            if spec.placements - {"unfreeze"}:
+                replace[id(module)] = SiteModule(module, slot, self.recorder, layer)
+        for parent, name, child in occurrences:
+            if id(child) in replace:
+                parent._modules[name] = replace[id(child)]
+
+    def _site(self, path: str, module: nn.Module, call: dict | str | None, layer: int | None,
+              ran: bool) -> tuple[SiteSpec, OpHandle]:
+        kind = _kind(module)
+        refused = {"prompt": NOT_ATTENTION, "prefix": NOT_ATTENTION}
+        if kind == "linear":
+            spec = SiteSpec(path, "linear", module.in_features, frozenset({"reparam", "unfreeze"}),
+                            out_dim=module.out_features, refused=refused, info={"split": 1})
+            return spec, LinearHandle(path, module)
+        if kind == "conv":
+            info = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups",
+                                                    "padding_mode")}
+            spec = SiteSpec(path, "conv", module.in_channels, frozenset({"reparam", "unfreeze"}),
+                            out_dim=module.out_channels, refused=refused, info=info)
+            return spec, ModuleHandle(path, module)
+        if kind in ("embed", "norm"):
+            width = module.embedding_dim if kind == "embed" else _norm_width(module)
+            return SiteSpec(path, kind, width, frozenset({"unfreeze"}), refused=refused), ModuleHandle(path, module)
+        if isinstance(call, dict):
+            spec = SiteSpec(path, "block", call["dim"], frozenset({"parallel", "sequential", "unfreeze"}),
+                            out_dim=call["out_dim"], layer=layer, refused=refused, info=dict(call))
+            return spec, ModuleHandle(path, module)
+        why = NO_EXAMPLE if not ran else ("the dry run never called it" if call is None else call)
+        refused.update({"parallel": why, "sequential": why, "side": why})
+        width = next((p.shape[-1] for p in module.parameters()), 0)
+        return SiteSpec(path, "block", width, frozenset({"unfreeze"}), refused=refused), ModuleHandle(path, module)
+
+    # Running ----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with fused_attention_off():
+            return self.model(*args, **kwargs)
+
+    def intermediates(self, *args: Any, layers: list[int], **kwargs: Any) -> Features:
+        """Outputs of the block sites with these ``layer`` indices (the order in which blocks
+        returned in the dry run), as tokens (B, N, D); ``final`` is the deepest one and ``pooled``
+        its mean over tokens (B, D)."""
+        if not layers:
+            raise ConfigError("The generic adapter's features are the outputs of chosen block sites: give layers")
+        known = {s.layer for s in self.site_specs().values() if s.layer is not None}
+        missing = sorted(set(layers) - known)
+        if missing:
+            raise ConfigError(f"No block site has layer {missing}; block layers are {sorted(known)}")
+        self.recorder.layers, self.recorder.found = frozenset(layers), {}
+        try:
+            self.forward(*args, **kwargs)
+            found = dict(self.recorder.found)
+        finally:
+            self.recorder.layers, self.recorder.found = None, {}
+        final = found[max(layers)]
+        return Features(found, final, final.mean(1), None, {"prefix_tokens": 0})
+
+    def head(self, pooled: Tensor) -> Tensor:
+        raise UnsupportedModelError("The generic adapter has no head site: the model's own modules make its outputs")
+
+    def example_inputs(self, batch_size: int = 2) -> dict[str, Tensor]:
+        if self._call is None:
+            raise ConfigError("This generic backbone was wrapped without example_inputs")
+        args, kwargs = self._call
+        bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
+        return dict(bound.arguments)
