@@ -4,3 +4,4 @@ from utuning.backbones import (
     hf_text,  # noqa: F401
     vit,  # noqa: F401
 )
+from utuning.backbones import generic, torch_mha  # noqa: F401, E402  (any nn.Module; nn.MultiheadAttention)
