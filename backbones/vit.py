@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from utuning.attention import attend, merge_heads, split_heads
 from utuning.backbone import Backbone, Features, refuse
-from utuning.errors import ConfigError
+from utuning.errors import ConfigError, UnknownNameError, closest
 from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
@@ -133,6 +133,26 @@ def _weights_file(path: str | Path) -> str:
     return str(path)
 
 
+def create_timm_model(model: str, pretrained: bool | str = False, num_classes: int | None = None,
+                      img_size: int | None = None, *, suggest: str = "*", **timm_kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for the timm backbone adapters (``vit``, ``eva``, ``beit``): ``pretrained`` is
+    False, True (timm's hub weights) or a local file or folder of weights; an unknown name lists the
+    closest timm names matching ``suggest``."""
+    import timm
+
+    kwargs = dict(timm_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
+        kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(pretrained)}
+        pretrained = True
+    if model not in timm.list_models() and model.split(".")[0] not in timm.list_models():
+        raise UnknownNameError(f"Unknown timm model {model!r}. Did you mean {closest(model, timm.list_models(suggest))}?")
+    return timm.create_model(model, pretrained=bool(pretrained), **kwargs)
+
+
 @register_backbone("vit")
 class ViTBackbone(Backbone):
     """timm ``VisionTransformer`` with sites embed, blocks.{i}[.attn|.mlp][.qkv|.proj|.fc1|.fc2], norm, head."""
@@ -152,21 +172,7 @@ class ViTBackbone(Backbone):
         **timm_kwargs: Any,
     ) -> ViTBackbone:
         """``pretrained``: False, True (timm's hub weights) or a local file or folder of weights."""
-        import timm
-
-        kwargs = dict(timm_kwargs)
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
-            kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(pretrained)}
-            pretrained = True
-        if model not in timm.list_models() and model.split(".")[0] not in timm.list_models():
-            from utuning.errors import UnknownNameError, closest
-
-            raise UnknownNameError(f"Unknown timm model {model!r}. Did you mean {closest(model, timm.list_models('vit*'))}?")
-        return cls(timm.create_model(model, pretrained=bool(pretrained), **kwargs))
+        return cls(create_timm_model(model, pretrained, num_classes, img_size, suggest="vit*", **timm_kwargs))
 
     def __init__(self, model: VisionTransformer) -> None:
         if not isinstance(model, VisionTransformer):
