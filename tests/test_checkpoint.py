@@ -48,9 +48,11 @@ train(tiny_recipe({out!r}, tuners=DROPOUT_TUNERS, epochs=3, checkpoint_every=2),
 
 def test_save_is_atomic_and_pointers_track_the_newest(tmp_path):
     recipe = tiny_recipe(tmp_path)
-    state = build_model(recipe, num_classes=4).tuner_state_dict()
+    model = build_model(recipe, num_classes=4)
+    state = model.tuner_state_dict()
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, step=step, tuner_state=state, recipe=recipe, num_classes=4, best=step == 2)
+        save_checkpoint(tmp_path, step=step, tuner_state=state, recipe=recipe, num_classes=4, best=step == 2,
+                        tuners=model.tuner_config())
     assert read_pointer(tmp_path).name == "step_00000006"
     assert read_pointer(tmp_path, "best").name == "step_00000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last", "step_00000002", "step_00000004", "step_00000006"]
@@ -58,9 +60,11 @@ def test_save_is_atomic_and_pointers_track_the_newest(tmp_path):
         meta = f.metadata()
     assert json.loads(meta["recipe"])["name"] == "tiny" and json.loads(meta["num_classes"]) == 4
     assert "p_adapter" in (tmp_path / "step_00000006" / "recipe.yaml").read_text()
-    # A crash while writing leaves only a hidden temporary folder, never a new "last".
+    # A crash while writing leaves only a hidden temporary folder, never a new "last"; the next save removes it.
     (tmp_path / ".step_00000008.tmp-1").mkdir()
     assert read_pointer(tmp_path).name == "step_00000006"
+    save_checkpoint(tmp_path, step=8, tuner_state=state, recipe=recipe, num_classes=4, tuners=model.tuner_config())
+    assert not list(tmp_path.glob(".step_*")) and read_pointer(tmp_path).name == "step_00000008"
 
 
 def test_load_tuned_rebuilds_the_trained_model(tmp_path):
@@ -79,8 +83,9 @@ def test_load_tuned_rebuilds_the_trained_model(tmp_path):
 
 def test_mismatched_recipe_or_model_fails_naming_the_difference(tmp_path):
     recipe = tiny_recipe(tmp_path, epochs=1)
-    save_checkpoint(tmp_path, step=1, tuner_state=build_model(recipe, num_classes=4).tuner_state_dict(),
-                    recipe=recipe, num_classes=4)
+    model = build_model(recipe, num_classes=4)
+    save_checkpoint(tmp_path, step=1, tuner_state=model.tuner_state_dict(), recipe=recipe, num_classes=4,
+                    tuners=model.tuner_config())
     other = tiny_recipe(tmp_path, tuners=[TunerConfig(name="p_adapter", at="blocks.*.mlp", args={"hidden": 8}),
                                           TunerConfig(name="linear_probe", at="head")])
     model = build_model(other, num_classes=4)

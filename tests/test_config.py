@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utuning.config import build_model, load_recipe, recipe_to_dict, save_resolved, validate
+from utuning.build import build_model
+from utuning.recipe import load_recipe, recipe_to_dict, save_recipe, validate
 from utuning.errors import ConfigError
 from utuning.schema import Recipe, TunerConfig
 
@@ -133,7 +134,7 @@ def test_model_path_resolver(tmp_path: Path) -> None:
 
 def test_save_resolved_round_trips(recipe: Path, tmp_path: Path) -> None:
     r = load_recipe(recipe, ["train.epochs=2"])
-    out = save_resolved(r, tmp_path / "run" / "recipe.yaml")
+    out = save_recipe(r, tmp_path / "run" / "recipe.yaml")
     data = yaml.safe_load(out.read_text())
     assert data["defaults"] == [] and data["train"]["epochs"] == 2 and data["output"]["dir"] == "runs/demo"
     assert recipe_to_dict(load_recipe(out)) == recipe_to_dict(r) | {"defaults": []}

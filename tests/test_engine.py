@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from utuning.engine import build_model, evaluate, train
-from utuning.engine_parts import compute_loss, param_groups
+from utuning.engine.optim import param_groups
+from utuning.tasks import compute_loss
 from utuning.errors import ConfigError
 from utuning.schema import BackboneConfig, DataConfig, OptimConfig, OutputConfig, Recipe, TrainConfig, TunerConfig
 

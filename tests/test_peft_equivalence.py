@@ -1,6 +1,7 @@
 """Ours against the reference: each method HF PEFT implements, with the same weights in PEFT and in
 utuning (read from PEFT's own adapter folder), gives the same outputs (1e-5) on a tiny timm ViT and
-a tiny BERT, before and after merging. A method the installed PEFT cannot run on the installed
+a tiny BERT, before and after merging; written back as a PEFT folder (PEFT -> ours -> PEFT), PEFT
+loads it with the same outputs again. A method the installed PEFT cannot run on the installed
 transformers/timm is skipped with the reason."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import utuning
 from tests.helpers import one_thread, tiny_vit  # noqa: F401 (one_thread: fixture)
 from tests.text_helpers import padded_inputs, tiny_text_model
-from utuning.peft_format import load_peft
+from utuning.peft_format import export_peft, load_peft
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +41,8 @@ BERT = {
     "lora": ("LoraConfig", {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"],
                             "modules_to_save": ["classifier"], "layers_to_transform": [1]}),
     "dora": ("LoraConfig", {"r": 2, "target_modules": ["key", "attention.output.dense"], "use_dora": True}),
-    "rslora": ("LoraConfig", {"r": 4, "lora_alpha": 4, "target_modules": ["query"], "use_rslora": True}),
+    "rslora-seq-cls": ("LoraConfig", {"r": 4, "lora_alpha": 4, "target_modules": ["query"], "use_rslora": True,
+                                      "task_type": "SEQ_CLS"}),
     "pissa": ("LoraConfig", {"r": 2, "target_modules": ["value"], "init_lora_weights": "pissa"}),
     "olora": ("LoraConfig", {"r": 2, "target_modules": ["key"], "init_lora_weights": "olora"}),
     "loha": ("LoHaConfig", {"r": 2, "target_modules": ["query", "intermediate.dense"]}),
@@ -81,17 +83,28 @@ def peft_model(base, cls_name: str, kwargs: dict):
     return model.eval()
 
 
-def check_equal(theirs, base, inputs: dict, tmp_path, run) -> utuning.TunedModel:
-    theirs.save_pretrained(str(tmp_path))
-    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
+def _from_pretrained(base, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+def check_round_trip(theirs, base, run, tmp_path) -> utuning.TunedModel:
+    """PEFT's folder -> ours: equal outputs, merged too; ours -> a PEFT folder -> PEFT: equal again."""
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    export_peft(ours, tmp_path / "ours", base_model_name_or_path="tiny")
+    again = _from_pretrained(base, tmp_path / "ours")
     with torch.no_grad():
         expected = run(theirs)
+        assert not torch.allclose(expected, run(base), atol=1e-4), "the adapter does not change the outputs"
         torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run(again), expected, atol=1e-5, rtol=0)
         if any(a.tuner.placement == "reparam" for a in ours.attached()):
             ours.merge()
             torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=0)
             ours.unmerge()
-        assert not torch.allclose(run(ours), run(base), atol=1e-4), "the adapter does not change the outputs"
+            torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=0)
     return ours
 
 
@@ -100,8 +113,8 @@ def test_equal_to_peft_on_timm_vit(case, tmp_path):
     base = tiny_vit().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     theirs = peft_model(base, *VIT[case])
-    ours = check_equal(theirs, base, {"x": x}, tmp_path,
-                       lambda m: m(pixel_values=x) if isinstance(m, utuning.TunedModel) else m(x))
+    ours = check_round_trip(theirs, base, lambda m: m(pixel_values=x) if isinstance(m, utuning.TunedModel) else m(x),
+                            tmp_path)
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert sum(p.numel() for p in ours.trainable_parameters()) >= n_theirs
 
@@ -116,4 +129,4 @@ def test_equal_to_peft_on_bert(case, tmp_path):
         out = m(**inputs)
         return out if isinstance(out, torch.Tensor) else out.logits
 
-    check_equal(theirs, base, inputs, tmp_path, run)
+    check_round_trip(theirs, base, run, tmp_path)

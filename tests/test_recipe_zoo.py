@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from utuning import cli
-from utuning.config import load_recipe, recipe_to_dict
+from utuning.recipe import load_recipe, recipe_to_dict
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LEAVES = sorted(p for p in RECIPES.rglob("*.yaml") if "base" not in p.relative_to(RECIPES).parts)

@@ -15,7 +15,7 @@ from utuning.backbones.vit import ViTBackbone
 from utuning.errors import ConfigError, PlacementError
 from utuning.handle import OpHandle
 from utuning.sites import SiteSpec
-from utuning.tuners.ytuning import labelling_loss, span_loss
+from utuning.tuners.ytuning import labelling_loss, separated_rows, span_loss
 
 
 class CountingViT(ViTBackbone):
@@ -226,8 +226,12 @@ def test_classification_and_label_name_init_on_text():
     tuned = utuning.tune(StubText(), [("ytuning", "blocks.*", {"label_names": names})])
     embed = tuned.backbone.slot("embed").handle
     with torch.no_grad():
-        torch.testing.assert_close(tuned.side["ytuning"].labels, embed.embed_text(names))
+        torch.testing.assert_close(tuned.side["ytuning"].labels, separated_rows(embed.embed_text(names)))
     assert tuned(**text_inputs()).shape == (3, 3)
+    off = utuning.tune(StubText(), [("ytuning", "blocks.*", {"label_names": names, "name_init": False})])
+    gram = off.side["ytuning"].labels @ off.side["ytuning"].labels.T / 16  # orthonormal start, scaled
+    # centred orthonormal rows: a regular simplex, every pair at cosine -1/(L-1)
+    torch.testing.assert_close(gram, torch.eye(3) * 1.5 - 0.5, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("spec, error, match", [
@@ -236,7 +240,7 @@ def test_classification_and_label_name_init_on_text():
     (("ytuning", "blocks.*", {"task": "span", "num_labels": 3}), ConfigError, "exactly two labels"),
     (("ytuning", "blocks.*", {"num_labels": 2, "depth": 5}), ConfigError, "one decoder layer per chosen block"),
     (("ytuning", "blocks.*", {"num_labels": 2, "task": "classify"}), ConfigError, "did you mean"),
-    (("ytuning", "blocks.*", {"label_names": ["a", "b"]}), ConfigError, "embed_text"),
+    (("ytuning", "blocks.*", {"label_names": ["a", "b"], "name_init": True}), ConfigError, "embed_text"),
     (("bypass", "blocks.*", {"num_classes": 2, "lateral": "lora"}), ConfigError, "lateral='lora'"),
     (("bypass", "blocks.*", {}), ConfigError, "num_classes"),
 ])
@@ -267,7 +271,7 @@ def test_side_tuners_on_a_tiny_bert(spec):
     side = next(iter(tuned.side.values()))
     if "label_names" in spec[2]:
         embed = backbone.slot("embed").handle
-        torch.testing.assert_close(side.labels.detach(), embed.embed_text(spec[2]["label_names"]))
+        torch.testing.assert_close(side.labels.detach(), separated_rows(embed.embed_text(spec[2]["label_names"])))
     x = padded_inputs(backbone)
     real = x["attention_mask"].bool()
     out = tuned(**x)

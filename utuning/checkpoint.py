@@ -1,113 +1,67 @@
-"""Checkpoints: tuner weights only, the resolved recipe beside them, and resume state apart.
+"""Checkpoints: tuner weights only, the resolved recipe beside them, resume state apart, all
+checksummed, none pickled.
 
 A checkpoint is a folder ``<out>/checkpoints/step_{N:08d}/``::
 
-    tuner.safetensors   TunedModel.tuner_state_dict() (the head's linear_probe included); its
-                        metadata holds the resolved recipe as a JSON string ("recipe"), the
-                        tuner specs ("tuners"), "num_classes", "step" and the utuning version
-    recipe.yaml         the same resolved recipe, for people
-    train_state.pt      optimizer, scheduler, step/epoch/batch counters, raw (non-EMA) tuner
-                        weights and EMA shadow (torch.save; only for ``--resume``)
-    rng_{rank}.pt       each process's RNG states (python, numpy, torch, cuda)
+    tuner.safetensors          TunedModel.tuner_state_dict(); metadata: the resolved recipe (JSON),
+                               the model's own ``tuner_config()``, the data description (classes,
+                               label names), "num_classes", "step", the format
+    recipe.yaml                the same resolved recipe (``utuning eval step_N/recipe.yaml
+                               --checkpoint step_N`` rebuilds the same model)
+    train_state.{safetensors,json}  counters, raw (non-EMA) tuner weights, optimizer, AMP scaler and
+                               EMA state (``utuning.files.save_tree``: tensors + JSON, no pickle)
+    rng_{rank}.{safetensors,json}   each process's RNG states
+    checksums.json             sha256 and size of every file above, written last
 
-Every file is written to a temporary name and moved in place with ``os.replace``; the folder
-itself is assembled under a temporary name and renamed, and only then is the ``last`` pointer
-(a one-line text file naming the folder) replaced. A run killed at any moment therefore leaves
-either the previous complete checkpoint or the new complete one, never a half-written one.
+The folder is assembled under a temporary name and renamed, and only then is the ``last`` pointer
+(a one-line text file) replaced, so a run killed at any moment leaves the previous complete
+checkpoint or the new one. Leftover temporary folders of interrupted saves are removed by the
+next save. Reading verifies the checksums: a truncated or altered file is a ``StateDictError``
+naming it, and ``find_resumable`` falls back to the newest intact checkpoint, saying so.
+Non-finite tuner weights are never written (``DivergedError``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from utuning.errors import ConfigError, StateDictError, closest
-from utuning.model import TunedModel, expand_specs
+from utuning import plugins
+from utuning.errors import ConfigError, DivergedError, RunError, StateDictError
+from utuning.files import atomic_text, atomic_write, load_tree, save_tree, verify, write_checksums
+from utuning.model import TunedModel
+from utuning.recipe.io import recipe_from_dict, recipe_to_dict, recipe_yaml
 from utuning.schema import Recipe
 
 TUNER_FILE = "tuner.safetensors"
 RECIPE_FILE = "recipe.yaml"
-STATE_FILE = "train_state.pt"
+STATE = "train_state"
 LAST = "last"
 BEST = "best"
+FORMAT = "utuning-tuner/2"
 
 
-# Recipes as data ----------------------------------------------------------------------------
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return dataclasses.asdict(recipe)
+def nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of tensors holding NaN or infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def recipe_from_dict(data: Mapping[str, Any], cls: type = Recipe, where: str = "recipe") -> Any:
-    """Rebuild a (nested) recipe dataclass from plain data; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{where} has unknown key {key!r}; did you mean {closest(key, fields)}?")
-        kind = _dataclass_of(hints[key])
-        if kind is not None and isinstance(value, Mapping):
-            value = recipe_from_dict(value, kind, f"{where}.{key}")
-        elif key == "tuners" and cls is Recipe:
-            from utuning.schema import TunerConfig
-
-            value = [recipe_from_dict(v, TunerConfig, f"{where}.tuners[{i}]") for i, v in enumerate(value)]
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _dataclass_of(hint: Any) -> type | None:
-    if dataclasses.is_dataclass(hint):
-        return hint
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
-    return None
-
-
-def recipe_yaml(recipe: Recipe) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(recipe)))
-
-
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe: ``utuning.config.save_resolved`` when available, else YAML of the dataclass."""
-    path = Path(path)
-    try:
-        from utuning.config import save_resolved
-    except ImportError:
-        save_resolved = None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if save_resolved is not None:
-        save_resolved(recipe, tmp)
-    else:
-        tmp.write_text(recipe_yaml(recipe))
-    os.replace(tmp, path)
-
-
-# Atomic writing ------------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
+# Writing --------------------------------------------------------------------------------------
 def write_pointer(folder: Path, name: str, target: str) -> None:
-    _atomic(folder / name, lambda p: p.write_text(target + "\n"))
+    atomic_text(Path(folder) / name, target + "\n")
 
 
 def read_pointer(folder: Path, name: str = LAST) -> Path | None:
+    """The checkpoint a ``last``/``best`` pointer names, or None if there is no pointer or it dangles."""
     pointer = Path(folder) / name
     if not pointer.is_file():
         return None
@@ -115,43 +69,47 @@ def read_pointer(folder: Path, name: str = LAST) -> Path | None:
     return target if (target / TUNER_FILE).is_file() else None
 
 
+def clean_temporary(folder: Path) -> list[Path]:
+    """Remove temporary folders left by interrupted saves (one run owns the folder: see ``utuning.engine.run``)."""
+    stale = [p for p in Path(folder).glob(".step_*.tmp-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(
-    folder: str | Path,
-    *,
-    step: int,
-    tuner_state: Mapping[str, Tensor],
-    recipe: Recipe,
-    num_classes: int | None,
-    train_state: Mapping[str, Any] | None = None,
-    rng_states: list[Any] | None = None,
-    best: bool = False,
-    keep: int = 2,
+    folder: str | Path, *, step: int, tuner_state: Mapping[str, Tensor], recipe: Recipe, num_classes: int | None,
+    tuners: list[dict[str, Any]], data: Mapping[str, Any] | None = None, train_state: Mapping[str, Any] | None = None,
+    rng_states: list[Any] | None = None, best: bool = False, keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step_{step}`` under ``folder`` atomically (with one RNG file per process
-    from ``rng_states``), point ``last`` (and ``best``) at it, and remove older checkpoints beyond
-    the newest ``keep`` (the best one is kept)."""
+    """Write checkpoint ``step_{step}`` under ``folder`` atomically, point ``last`` (and ``best``)
+    at it, and remove older checkpoints beyond the newest ``keep`` (the best one is kept)."""
+    bad = nonfinite(tuner_state) + nonfinite((train_state or {}).get("tuner", {}))
+    if bad:
+        raise DivergedError(f"Refusing to save checkpoint step {step}: tuner weights {bad[:3]} are not finite")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    clean_temporary(folder)
     name = f"step_{step:08d}"
     final = folder / name
     tmp = folder / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {
         "recipe": json.dumps(recipe_to_dict(recipe)),
-        "tuners": json.dumps([s.to_dict() for s in expand_specs(_tuner_dicts(recipe))]),
+        "tuners": json.dumps(tuners),
         "backbone": json.dumps({"name": recipe.backbone.name, "model": recipe.backbone.model}),
         "num_classes": json.dumps(num_classes),
+        "data": json.dumps(dict(data or {})),
         "step": str(step),
-        "format": "utuning-tuner/1",
+        "format": FORMAT,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tuner_state.items()}
-    save_file(tensors, str(tmp / TUNER_FILE), metadata=meta)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tuner_state.items()}, str(tmp / TUNER_FILE), metadata=meta)
     (tmp / RECIPE_FILE).write_text(recipe_yaml(recipe))
     if train_state is not None:
-        torch.save(dict(train_state), tmp / STATE_FILE)
+        save_tree(dict(train_state), tmp, STATE)
     for rank, rng in enumerate(rng_states or []):
-        torch.save(rng, tmp / f"rng_{rank}.pt")
+        save_tree(rng, tmp, f"rng_{rank}")
+    write_checksums(tmp)
     if final.exists():  # a re-run of the same step (after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -162,11 +120,6 @@ def save_checkpoint(
     return final
 
 
-def load_rng(checkpoint: Path, rank: int) -> dict[str, Any] | None:
-    path = Path(checkpoint) / f"rng_{rank}.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else None
-
-
 def _prune(folder: Path, keep: int) -> None:
     protected = {p.name for p in (read_pointer(folder, LAST), read_pointer(folder, BEST)) if p is not None}
     steps = sorted(p for p in folder.glob("step_*") if p.is_dir())
@@ -175,17 +128,7 @@ def _prune(folder: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _tuner_dicts(recipe: Recipe) -> list[dict[str, Any]]:
-    out = []
-    for t in recipe.tuners:
-        d = {"name": t.name, "at": t.at if isinstance(t.at, str) else list(t.at), "args": dict(t.args)}
-        if t.key is not None:
-            d["key"] = t.key
-        out.append(d)
-    return out
-
-
-# Reading -------------------------------------------------------------------------------------
+# Finding -------------------------------------------------------------------------------------
 def resolve(checkpoint: str | Path) -> Path:
     """A checkpoint folder from: the folder, its ``tuner.safetensors``, a ``last``/``best`` pointer,
     the checkpoints folder or the run folder (the last checkpoint)."""
@@ -203,29 +146,75 @@ def resolve(checkpoint: str | Path) -> Path:
     raise ConfigError(f"No checkpoint at {str(path)!r}: expected a folder with {TUNER_FILE}, or a run folder with checkpoints/last")
 
 
+def intact(folder: Path) -> str | None:
+    """None when every file of the checkpoint matches its checksum, else the reason."""
+    try:
+        verify(folder)
+    except StateDictError as e:
+        return str(e)
+    return None
+
+
+def find_resumable(checkpoints: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and notes to print: the one ``last`` names if it is intact,
+    else the newest intact one (saying why). None when there is no checkpoint at all; a
+    ``RunError`` when there are checkpoints but none is intact."""
+    checkpoints = Path(checkpoints)
+    found = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = checkpoints / LAST
+    if not found and not pointer.exists():
+        return None, []
+    notes: list[str] = []
+    last = read_pointer(checkpoints)
+    if last is None and pointer.exists():
+        notes.append(f"{pointer} names {pointer.read_text().strip()!r}, which does not exist")
+    elif last is not None:
+        why = intact(last)
+        if why is None:
+            return last, notes
+        notes.append(f"the last checkpoint {last.name} is damaged: {why}")
+    for candidate in found:
+        why = intact(candidate)
+        if why is None:
+            notes.append(f"resuming from the newest intact checkpoint, {candidate}")
+            return candidate, notes
+        notes.append(f"{candidate.name} is damaged too: {why}")
+    raise RunError(f"--resume: no intact checkpoint under {checkpoints} (" + "; ".join(notes) + "). Start again with "
+                   "--overwrite")
+
+
+# Reading -------------------------------------------------------------------------------------
 def read_checkpoint(checkpoint: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tuner weights, metadata with "recipe" as a ``Recipe``, "tuners", "backbone", "num_classes", "step")."""
+    """(tuner weights, metadata: "recipe" as a ``Recipe``, "tuners", "backbone", "num_classes",
+    "data", "step", "folder"). The files are verified first; the recipe's plugins are imported."""
     folder = resolve(checkpoint)
-    with safe_open(str(folder / TUNER_FILE), framework="pt") as f:
-        raw = f.metadata() or {}
+    verify(folder, [TUNER_FILE])
+    path = folder / TUNER_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise StateDictError(f"{path} cannot be read ({e})") from None
     if "recipe" not in raw:
-        raise StateDictError(f"{folder / TUNER_FILE} holds no recipe metadata; it was not written by utuning")
-    meta: dict[str, Any] = {k: json.loads(raw[k]) for k in ("tuners", "backbone", "num_classes") if k in raw}
-    meta["recipe"] = recipe_from_dict(json.loads(raw["recipe"]))
+        raise StateDictError(f"{path} holds no recipe metadata; it was not written by utuning")
+    meta: dict[str, Any] = {k: json.loads(raw[k]) for k in ("tuners", "backbone", "num_classes", "data") if k in raw}
+    meta["recipe"] = recipe_from_dict(json.loads(raw["recipe"]), where=f"{path} (recipe metadata)")
     meta["step"] = int(raw.get("step", 0))
     meta["folder"] = folder
-    return load_file(str(folder / TUNER_FILE)), meta
+    plugins.load_all(list(meta["recipe"].imports), where=f"{folder}: the run's imports")
+    return state, meta
 
 
-def check_compatible(recipe: Recipe, meta: Mapping[str, Any], where: str) -> None:
-    """Fail, naming what differs, when ``recipe`` builds a different model than the checkpoint's."""
+def check_compatible(model: TunedModel, recipe: Recipe, meta: Mapping[str, Any]) -> None:
+    """Fail, naming what differs, when ``model`` (built from ``recipe``) is not the checkpoint's model."""
+    where = str(meta["folder"])
     stored = meta["recipe"]
     for key in ("name", "model"):
         mine, theirs = getattr(recipe.backbone, key), getattr(stored.backbone, key)
         if mine != theirs:
             raise ConfigError(f"Checkpoint {where} was trained on backbone.{key}={theirs!r}, not {mine!r}")
-    mine_t = [s.to_dict() for s in expand_specs(_tuner_dicts(recipe))]
-    theirs_t = meta.get("tuners", [])
+    mine_t, theirs_t = model.tuner_config(), meta.get("tuners", [])
     if mine_t != theirs_t:
         diffs = [f"#{i}: checkpoint {b} vs recipe {a}" for i, (a, b) in enumerate(zip(mine_t, theirs_t)) if a != b]
         if len(mine_t) != len(theirs_t):
@@ -233,34 +222,50 @@ def check_compatible(recipe: Recipe, meta: Mapping[str, Any], where: str) -> Non
         raise ConfigError(f"Checkpoint {where}: tuner config differs: " + "; ".join(diffs[:5]))
 
 
+def check_classes(meta: Mapping[str, Any], dataset: Any) -> None:
+    """The checkpoint's class count must be the data's (``eval`` of a 2-class head on 3-class data)."""
+    theirs, data = meta.get("num_classes"), getattr(dataset, "num_classes", None)
+    if theirs is not None and data is not None and theirs != data:
+        raise ConfigError(f"Checkpoint {meta['folder']} was trained with {theirs} classes, but the evaluation data "
+                          f"{getattr(dataset, 'name', '')!r} split {getattr(dataset, 'split', '')!r} has {data}; "
+                          "evaluate it on data with the same label set")
+
+
 def load_into(model: TunedModel, checkpoint: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
     """Load a checkpoint's tuner weights into ``model``; with ``recipe``, check it matches first."""
     state, meta = read_checkpoint(checkpoint)
-    where = str(meta["folder"])
     if recipe is not None:
-        check_compatible(recipe, meta, where)
+        check_compatible(model, recipe, meta)
     try:
         model.load_tuner_state_dict(state)
     except StateDictError as err:
-        raise StateDictError(f"Checkpoint {where}: {err}") from None
+        raise StateDictError(f"Checkpoint {meta['folder']}: {err}") from None
     return meta
 
 
 def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
     folder = resolve(checkpoint)
-    path = folder / STATE_FILE
-    if not path.is_file():
-        raise ConfigError(f"Checkpoint {str(folder)!r} has no {STATE_FILE}; it cannot be resumed")
-    return torch.load(path, weights_only=False, map_location="cpu")
+    if not (folder / f"{STATE}.json").is_file():
+        raise RunError(f"Checkpoint {str(folder)!r} has no {STATE}; it cannot be resumed")
+    verify(folder, [f"{STATE}.safetensors", f"{STATE}.json"])
+    return load_tree(folder, STATE)
+
+
+def load_rng(checkpoint: Path, rank: int) -> dict[str, Any] | None:
+    folder = Path(checkpoint)
+    if not (folder / f"rng_{rank}.json").is_file():
+        return None
+    verify(folder, [f"rng_{rank}.safetensors", f"rng_{rank}.json"])
+    return load_tree(folder, f"rng_{rank}")
 
 
 def load_tuned(checkpoint: str | Path) -> TunedModel:
-    """The ``TunedModel`` a checkpoint was trained as: rebuilt from its stored recipe (same backbone
-    weights source), with its tuner weights loaded. Returned in eval mode."""
-    from utuning.engine import build_model
+    """The ``TunedModel`` a checkpoint was trained as: rebuilt from its stored recipe and data
+    description (same backbone weights source), with its tuner weights loaded; in eval mode."""
+    from utuning.build import build_model
 
     state, meta = read_checkpoint(checkpoint)
-    model = build_model(meta["recipe"], num_classes=meta.get("num_classes"))
+    model = build_model(meta["recipe"], num_classes=meta.get("num_classes"), data=meta.get("data") or None)
     try:
         model.load_tuner_state_dict(state)
     except StateDictError as err:
@@ -288,8 +293,11 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> list[str]:
             "them; only full fine-tuning and mergeable tuners (lora, ssf, bitfit) export as backbone weights"
         )
     model.merge()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.backbone.frozen_state_dict().items()}
+    bad = nonfinite(tensors)
+    if bad:
+        raise DivergedError(f"Checkpoint {checkpoint}: merged weights {bad[:3]} are not finite; nothing written")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.backbone.frozen_state_dict().items()}
-    _atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(checkpoint)}))
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(checkpoint)}))
     return at_head

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utuning.errors import ConfigError, UtuningError
+from utuning.errors import ConfigError, InterruptedRun, UtuningError
 
 EPILOG = "Overrides are KEY=VALUE pairs over any recipe key, e.g. train.epochs=3 tuners.0.args.hidden=16."
 
@@ -39,24 +39,14 @@ def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def _load(path: str, overrides: list[str], tiny: bool = False):
-    from utuning.config import load_recipe
+    from utuning.recipe import load_recipe
 
     return load_recipe(path, overrides, tiny=tiny)
 
 
 # Commands ---------------------------------------------------------------------------------
-def _engine():
-    try:
-        from utuning import engine
-    except ModuleNotFoundError as e:
-        if e.name != "utuning.engine":
-            raise
-        raise UtuningError("The training engine (utuning.engine) is not installed in this build") from e
-    return engine
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    train = _engine().train
+    from utuning.engine import train
 
     paths, overrides = _split(args.items)
     if not paths:
@@ -64,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides += list(args.set or [])
     # Every recipe is validated before the first one trains: a typo in the third fails now.
     recipes = [_load(path, overrides, args.tiny) for path in paths]
-    summaries = [train(recipe, resume=args.resume) for recipe in recipes]
+    summaries = [train(recipe, resume=args.resume, overwrite=args.overwrite) for recipe in recipes]
     if len(summaries) == 1:
         print(json.dumps(summaries[0], indent=2, default=str))
     else:
@@ -75,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    evaluate = _engine().evaluate
+    from utuning.engine import evaluate
 
     path, overrides = _one_recipe(args)
     if not Path(args.checkpoint).exists():
@@ -89,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate each recipe and build its model; every failure is listed, then the worst exit code."""
     import torch
 
-    from utuning.config import build_model
+    from utuning.build import build_model
 
     paths, overrides = _split(args.items)
     overrides += list(args.set or [])
@@ -116,7 +106,7 @@ def _structure(recipe: Any, weights: bool):
     """The recipe's model; without weights it is built on the meta device (no memory, no time)."""
     import torch
 
-    from utuning.config import build_model
+    from utuning.build import build_model
 
     if weights:
         return build_model(recipe)
@@ -235,6 +225,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Methods x data sets x seeds x a hyperparameter search, as ``utuning train`` subprocesses (docs/research.md)."""
+    from utuning.report import format_markdown
+    from utuning.sweep import load_sweep, plan, run_sweep
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    sweep = load_sweep(args.sweep, overrides=list(args.set or []))
+    if args.dry_run:
+        print(plan(sweep))
+        return 0
+    result = run_sweep(sweep, jobs=args.jobs, worker=args.worker)
+    for chosen in result["selection"]:
+        if chosen.get("params"):
+            print(f"{chosen['method']} on {chosen['data']}: chose {chosen['params']} (search value {chosen['value']:.4f})")
+    print(format_markdown(result["tables"]) if result["tables"] else "no finished final runs", end="")
+    print(f"wrote {sweep.out / 'table.md'}, {sweep.out / 'table.csv'}, {sweep.out / 'selection.json'}")
+    for error in result["errors"]:
+        print(f"utuning sweep: error: {error}", file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
 # Parser -----------------------------------------------------------------------------------
 def _recipe_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE",
@@ -244,24 +256,32 @@ def _recipe_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="swap the backbone for the small offline model of the recipe's backbone.tiny section")
 
 
+def _imports(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a plugin to import first: a module name or a .py file (repeatable); see docs/research.md")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="utuning", description="Parameter-efficient transfer learning recipes "
                                      "(frozen operations plus unified tuners).", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _imports(argparse.ArgumentParser(add_help=False))  # every command takes --import
 
-    p = sub.add_parser("train", help="train a recipe", description="Train a recipe; the run directory "
+    p = sub.add_parser("train", parents=[common], help="train a recipe", description="Train a recipe; the run directory "
                        "(output.dir) gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/.", epilog=EPILOG)
     _recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
+    p.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output.dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a tuner checkpoint of a recipe.",
+    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint", description="Evaluate a tuner checkpoint of a recipe.",
                        epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="tuner checkpoint file or run directory")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("check", help="validate recipes and build their models",
+    p = sub.add_parser("check", parents=[common], help="validate recipes and build their models",
                        description="Validate each recipe, build its backbone and tuners and run one small forward "
                        "pass, without data or training. Exit 2 if any recipe is invalid.", epilog=EPILOG)
     _recipe_args(p, many=True)
@@ -269,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the pretrained weights (default: random init, nothing downloaded)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("inspect", help="tuners and tunable parameters per site",
+    p = sub.add_parser("inspect", parents=[common], help="tuners and tunable parameters per site",
                        description="Per-site table of the recipe's tuners and tunable parameters (built without "
                        "weights on the meta device, so even large models take no memory).", epilog=EPILOG)
     _recipe_args(p)
@@ -277,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="build with the pretrained weights")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("list", help="registered tuners, backbones, compositions, or a model's sites",
+    p = sub.add_parser("list", parents=[common], help="registered tuners, backbones, compositions, or a model's sites",
                        description="List registered tuners (placement, site kinds, paper, hyperparameters and "
                        "defaults), backbones, compositions, or the sites of a backbone or recipe.")
     p.add_argument("what", choices=["tuners", "backbones", "compositions", "sites"])
@@ -286,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="for `sites` of a recipe: its tiny backbone")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("export", help="fold tuners into the backbone and save its weights",
+    p = sub.add_parser("export", parents=[common], help="fold tuners into the backbone and save its weights",
                        description="Fold a checkpoint's full fine-tuning or mergeable tuners (lora, ssf, bitfit) into "
                        "the frozen weights and save the backbone's state dict (original keys: load it with "
                        "`backbone.pretrained: FILE`, e.g. to transfer a backbone trained here).")
@@ -294,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("report", help="compare finished runs",
+    p = sub.add_parser("report", parents=[common], help="compare finished runs",
                        description="Table of the finished runs under RUNS_DIR (each with a summary.json): name, "
                        "method, tunable parameters, share, best and final metric, time; optionally a plot of "
                        "the metric against tunable parameters (log x).")
@@ -309,20 +329,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="write the tables as CSV, one line per cell (implies --tables)")
     p.add_argument("--plots", metavar="DIR", help="accuracy-vs-parameters plot per table (implies --tables)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="methods x data sets x seeds x a hyperparameter search (Optuna)",
+                       description="Run a sweep file: choose hyperparameters on a validation split, retrain with "
+                       "the chosen ones on each seed, write the paper tables. Runs are `utuning train` subprocesses; "
+                       "an interrupted sweep resumes without redoing finished runs. See docs/research.md.")
+    p.add_argument("sweep", metavar="SWEEP_YAML")
+    p.add_argument("--jobs", type=int, default=1, help="runs at the same time on this machine (default 1)")
+    p.add_argument("--worker", action="store_true",
+                   help="one of several processes sharing the sweep's storage (cluster, SLURM array): trials of "
+                   "dead workers are retried after Optuna's heartbeat grace period, not at start")
+    p.add_argument("--dry-run", action="store_true", help="print the studies and runs, run nothing")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override of every run (repeatable)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
 def _code(e: UtuningError) -> int:
+    if isinstance(e, InterruptedRun):
+        return e.exit_code
     return 2 if isinstance(e, ConfigError) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option (``inspect R --json key=value``) belong to the recipe
+        if not hasattr(args, "items") or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
     try:
+        from utuning import plugins
+
+        plugins.load_entry_points()
+        plugins.load_all(args.imports, where="--import")
         return args.func(args)
     except UtuningError as e:
-        print(f"utuning {args.command}: error: {e}", file=sys.stderr)
+        prefix = "" if isinstance(e, InterruptedRun) else "error: "
+        print(f"utuning {args.command}: {prefix}{e}", file=sys.stderr)
         return _code(e)
+    except KeyboardInterrupt:
+        print(f"utuning {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -317,6 +317,20 @@ def _millions(n: int) -> str:
     return f"{math.floor(n / 1e4 + 0.5) / 100:.2f}M"
 
 
-def tune(model: Backbone | nn.Module, tuners: Sequence[Any] = ()) -> TunedModel:
-    """Attach ``tuners`` (specs, dicts or ``(name, at[, args])`` tuples) to ``model``."""
+def tune(model: Backbone | nn.Module, tuners: Sequence[Any] = (), *,
+         data: Mapping[str, Any] | None = None, backbone: str | None = None, **backbone_args: Any) -> TunedModel:
+    """Attach ``tuners`` (specs, dicts or ``(name, at[, args])`` tuples) to ``model``.
+
+    ``data``: what the data knows of its labels, ``{"num_classes": int, "label_names": list | None}``;
+    arguments a tuner declares in ``from_data`` default to it, and a recipe value that contradicts
+    it is a ``ConfigError`` (``Tuner.args_from_data``).
+
+    ``backbone``: the adapter to wrap a plain model with (``"generic"`` for any model, with
+    ``example_inputs=...``; see ``utuning.wrap``), and ``backbone_args`` its arguments."""
+    if data is not None:
+        specs = expand_specs(tuners)
+        tuners = [TunerSpec(s.name, s.at, {**s.args, **TUNERS.get(s.name).args_from_data(s.args, data)}, s.key)
+                  for s in specs]
+    if backbone is not None or backbone_args:
+        model = wrap(model, backbone, **backbone_args)
     return TunedModel(model, tuners)

@@ -258,8 +258,9 @@ def _modules_to_save(rest: dict[str, Tensor], config: dict, index: _Index) -> di
     params = dict(index.backbone.model.named_parameters())
     for name, t in rest.items():
         name = name.replace(".modules_to_save.default.", ".")
-        module = name.rsplit(".", 1)[0]
-        if name in params and any(module == n or module.endswith("." + n) for n in names):
+        parts = name.split(".")[:-1]
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module and its parents
+        if name in params and any(m == n or m.endswith("." + n) for m in owners for n in names):
             out[name] = t
         else:
             unknown.append(name)
@@ -385,9 +386,9 @@ def _collect(tuned: TunedModel, index: _Index) -> tuple[dict[str, Any], dict[str
             tensors[key + "ia3_l"] = vec[None, :] if t.feedforward else vec[:, None]
             extra[path] = t.feedforward
         elif kind in ("LOHA", "LOKR"):
-            for ours, attr in ((v, k) for k, v in TENSORS[kind].items()):
-                if hasattr(t, attr) and isinstance(getattr(t, attr), nn.Parameter):
-                    tensors[key + ours] = getattr(t, attr)
+            for suffix, attr in TENSORS[kind].items():
+                if isinstance(getattr(t, attr, None), nn.Parameter):
+                    tensors[key + suffix] = getattr(t, attr)
             ranks[path], alphas[path] = t.rank, t.scaling * t.rank
             extra[path] = (t.decompose_both, t.decompose_factor) if kind == "LOKR" else None
         elif kind == "OFT":
@@ -451,7 +452,8 @@ def _saved_modules(a: Any, index: _Index) -> dict[str, dict[str, Tensor]]:
         raise ConfigError(f"full at {a.sites[0]!r} trains loose parameters {loose}, which PEFT's modules_to_save "
                           "(whole modules) cannot hold")
     if a.tuner.name == "full":
-        return {index.path[id(m)]: dict(m.named_parameters()) for m in modules.values() if any(m.parameters())}
+        return {index.path[id(m)]: dict(m.named_parameters()) for m in modules.values()
+                if next(m.parameters(), None) is not None}
     linear = [m for m in modules.values() if isinstance(m, nn.Linear)]
     fc = a.tuner.fc
     if len(modules) != 1 or len(linear) != 1 or linear[0].weight.shape != fc.weight.shape:

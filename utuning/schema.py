@@ -1,4 +1,4 @@
-"""The recipe schema: dataclasses that a YAML recipe is validated against (``utuning.config``).
+"""The recipe schema: dataclasses that a YAML recipe is validated against (``utuning.recipe``).
 
 A recipe is data; these dataclasses are its one definition. Unknown keys, wrong types and bad
 values are errors naming the file, the key and the closest valid key.
@@ -81,6 +81,8 @@ class TrainConfig:
     cache_dir: str = ".cache/utuning/features"  # where cached frozen features live (shared across runs)
     log_every: int = 10
     checkpoint_every: int | None = None  # steps; None: every epoch
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run at once, or "skip" the update
+    max_nonfinite: int = 5  # with nonfinite: skip, stop after this many skipped updates in a row
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Recipe:
     name: str = "run"
     description: str = ""
     defaults: list[str] = field(default_factory=list)  # base recipes this one extends (paths relative to it)
+    imports: list[str] = field(default_factory=list)  # plugins: module names or .py files (relative to the recipe)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tuners: list[TunerConfig] = field(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)

@@ -40,6 +40,8 @@ class Tuner(nn.Module):
       site_kinds  site kinds it may attach to (empty: any site offering the placement)
       requires    handle features it needs, e.g. ``{"query"}`` for attention over frozen queries
       paper       link of the method's paper
+      from_data   constructor arguments that default to a key of the data's description, e.g.
+                  ``{"num_labels": "num_classes"}`` (see ``args_from_data``)
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +49,7 @@ class Tuner(nn.Module):
     site_kinds: ClassVar[frozenset[str]] = frozenset()
     requires: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
+    from_data: ClassVar[Mapping[str, str]] = {}
     # prompt tuners: keep the prompt outputs after the operation (VPT-shallow) or drop them.
     keep_outputs: bool = False
     # prefix tuners: ask attention for the exact parallel form.
@@ -142,6 +145,31 @@ class Tuner(nn.Module):
         required = [k for k, v in known.items() if v is inspect.Parameter.empty and k not in args]
         if required:
             raise ConfigError(f"Tuner {cls.name!r} needs argument(s) {required}")
+
+    @classmethod
+    def args_from_data(cls, args: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments ``data`` (e.g. ``{"num_classes": 6, "label_names": [...]}``) gives this
+        tuner through ``from_data``: unset (or None) arguments are filled; a set one that differs
+        from the data is a ``ConfigError`` naming the tuner, argument and both values."""
+        out: dict[str, Any] = {}
+        for arg, key in cls.from_data.items():
+            value = data.get(key)
+            if value is None:
+                continue
+            value = list(value) if isinstance(value, (list, tuple)) else value
+            given = args.get(arg)
+            if given is None:
+                out[arg] = value
+                continue
+            n = len(given) if isinstance(given, (list, tuple)) else given
+            m = len(value) if isinstance(value, list) else value
+            mine = list(given) if isinstance(given, (list, tuple)) else given
+            if n != m or (isinstance(mine, list) and isinstance(value, list)
+                          and [str(v) for v in mine] != [str(v) for v in value]
+                          and not all(str(v).lstrip("-").isdigit() for v in value)):
+                raise ConfigError(f"Tuner {cls.name!r} argument {arg}={given!r} does not match the data's "
+                                  f"{key}={value!r}; drop {arg!r} to take the data's, or fix it")
+        return out
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}"

@@ -20,10 +20,9 @@ from torch.utils.data import Dataset
 
 from utuning.errors import ConfigError, closest
 from utuning.registry import Registry
+from utuning.tasks import IGNORE_INDEX, TASKS
 
 DATASETS: Registry = Registry("dataset")
-TASKS = ("classification", "regression", "labelling", "qa")
-IGNORE_INDEX = -100  # label of positions that no loss or metric counts (special and pad tokens)
 # Padding value of each known input key; any other key pads with 0.
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}
 
@@ -91,10 +90,10 @@ class ItemDataset(Dataset):
     def __init__(self, *, name: str, split: str, num_classes: int | None, metrics: Sequence[str],
                  label_names: Sequence[str] | None = None, transform: Callable | None = None,
                  identity: Mapping[str, Any] | None = None, files: Sequence[Path] = (),
-                 task: str | None = None, pad_token_id: int = 0) -> None:
+                 task: str | None = None, pad_token_id: int = 0, locations: Sequence[str] | None = None) -> None:
         self.name = name
         self.split = split
-        self.task = choose("task", task or self.task, TASKS)
+        self.task = choose("task", task or self.task, list(TASKS))
         self.num_classes = num_classes
         self.metrics = list(metrics)
         self.label_names = list(label_names) if label_names is not None else None
@@ -104,6 +103,8 @@ class ItemDataset(Dataset):
         self._files = [Path(f) for f in files]
         self.index: list[int] = []
         self._subset: tuple[int | None, str] = (None, "first")
+        self._targets: list[int] | None = None
+        self._locations = list(locations) if locations is not None else None
 
     def select(self, size: int, *, targets: Sequence[Any] | None = None, subset: int | None = None,
                subset_mode: str = "first") -> None:
@@ -121,6 +122,18 @@ class ItemDataset(Dataset):
                 order = order[:subset]
         self.index = order
         self._subset = (subset, subset_mode)
+        self._targets = [int(t) for t in targets] if targets is not None else None
+
+    def class_targets(self) -> list[int] | None:
+        """The integer classes of the examples this dataset yields (classification), or None."""
+        if self._targets is None or self.task != "classification":
+            return None
+        return [self._targets[j] for j in self.index]
+
+    def location(self, i: int) -> str:
+        """Where example ``i`` comes from (``file:line`` for text files), for error messages."""
+        j = self.index[i]
+        return self._locations[j] if self._locations is not None else f"example {j}"
 
     def example(self, j: int) -> dict[str, Any]:
         raise NotImplementedError

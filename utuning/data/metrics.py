@@ -14,9 +14,9 @@ import numpy as np
 
 from utuning.errors import ConfigError
 from utuning.registry import Registry
+from utuning.tasks import IGNORE_INDEX
 
 METRICS: Registry = Registry("metric")
-IGNORE_INDEX = -100
 
 
 def register_metric(name: str) -> Callable:

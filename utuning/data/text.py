@@ -10,6 +10,7 @@ each other), or ``data_files={split: path}``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from utuning.data.base import ItemDataset, choose, register_dataset
-from utuning.errors import ConfigError, closest
+from utuning.errors import ConfigError, DataError, closest
+from utuning.tasks import IGNORE_INDEX
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 SPLIT_ALIASES = {"validation": ("dev", "val"), "val": ("validation", "dev"), "dev": ("validation", "val")}
@@ -54,19 +56,70 @@ def tokenizer_identity(tok: Any) -> dict[str, Any]:
     return {"tokenizer": str(getattr(tok, "name_or_path", "")), "class": type(tok).__name__, "vocab": len(tok)}
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines, JSON (a list, or ``{"data": [...]}``), CSV or TSV file."""
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
+def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` pairs of a JSON-lines, JSON (a list, or ``{"data": [...]}``), CSV or TSV file.
+    Bad encodings, malformed lines, rows that are not objects, CSV rows with missing or extra
+    fields and files without rows are ``DataError``s naming the file and the real line."""
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as f:
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        if suffix == ".json":
-            data = json.load(f)
-            return data["data"] if isinstance(data, Mapping) and "data" in data else list(data)
-        if suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.DictReader(f)
-            return list(reader)
-    raise ConfigError(f"Cannot read {str(path)!r}: use one of {list(EXTENSIONS)}")
+    if suffix not in EXTENSIONS:
+        raise ConfigError(f"Cannot read {str(path)!r}: use one of {list(EXTENSIONS)}")
+    text = _decode(path)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: a JSON-lines row must be an object, got {type(row).__name__} {row!r:.60}")
+            rows.append((n, row))
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        items = data["data"] if isinstance(data, Mapping) and "data" in data else data
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a list of rows (or {{\"data\": [...]}}), got {type(items).__name__}")
+        for i, row in enumerate(items):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {i} must be an object, got {type(row).__name__} {row!r:.60}")
+            rows.append((i, row))
+    else:
+        opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        reader = csv.DictReader(io.StringIO(text, newline=""), **opts)
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                fields = len(reader.fieldnames or [])
+                got = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise DataError(f"{path}:{reader.line_num}: the row has {got} fields, the header has {fields} "
+                                f"({reader.fieldnames})")
+            rows.append((reader.line_num, row))
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines, JSON, CSV or TSV file (see ``read_rows`` for the checks)."""
+    return [row for _, row in read_rows(path)]
+
+
+def where_line(path: Path, line: int) -> str:
+    return f"{path}:{line}" if path.suffix.lower() != ".json" else f"{path} item {line}"
 
 
 def split_file(name: str, root: Any, split: str, data_files: Mapping[str, Any] | None) -> Path:
@@ -97,30 +150,48 @@ def sibling_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
+def _is_int(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+
+
 def infer_label_names(paths: Sequence[Path], key: str, *, nested: bool = False) -> list[str] | None:
-    """Sorted distinct string labels of ``key`` over the files, or None when labels are integers."""
-    values: set[Any] = set()
+    """Sorted distinct string labels of ``key`` over the files, or None when labels are integers.
+    Integer and string labels mixed in one set are a ``DataError`` naming the first odd one out."""
+    found: list[tuple[Any, str]] = []  # (value, where)
     for path in paths:
         try:
-            rows = read_records(path)
-        except (ValueError, ConfigError, UnicodeDecodeError):
-            continue
-        for row in rows:
-            if key in row:
-                values.update(row[key] if nested else [row[key]])
-    if not values or all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values):
+            rows = read_rows(path)
+        except (ConfigError, OSError):
+            continue  # a file that is not this data set's; a split's own file is checked when it is read
+        for n, row in rows:
+            if key in row and row[key] is not None:
+                found += [(v, where_line(path, n)) for v in (row[key] if nested else [row[key]])]
+    if not found:
         return None
-    return sorted(str(v) for v in values)
+    ints = [f for f in found if _is_int(f[0])]
+    if len(ints) == len(found):
+        return None
+    if ints:
+        odd = ints[0] if len(ints) <= len(found) - len(ints) else next(f for f in found if not _is_int(f[0]))
+        raise DataError(f"{odd[1]}: label {odd[0]!r} mixes integer and string labels in {key!r} "
+                        f"({len(ints)} integer, {len(found) - len(ints)} string); use one kind")
+    return sorted({str(v) for v, _ in found})
 
 
 def encode_label(value: Any, label_names: Sequence[str] | None, where: str) -> int:
     """A class index from a label name or an integer (strings of digits count as integers)."""
+    if value is None:
+        raise DataError(f"{where}: the label is null (or missing); every training and evaluation row needs one")
     if label_names is not None and str(value) in label_names:
         return list(label_names).index(str(value))
-    if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
-        return int(value)
-    raise ConfigError(f"{where}: label {value!r} is not one of {list(label_names or [])}; "
-                      f"closest: {closest(str(value), label_names or [])}")
+    if _is_int(value) and int(value) == IGNORE_INDEX:
+        return IGNORE_INDEX  # an unlabelled row (e.g. GLUE test sets): no loss or metric counts it
+    if _is_int(value) and (label_names is None or 0 <= int(value) < len(label_names)):
+        return int(value)  # a class id (with label_names: an index into them)
+    if isinstance(value, (bool, float)) or label_names is None:
+        raise DataError(f"{where}: label {value!r} is not a class: use an integer class id or a string label name")
+    raise DataError(f"{where}: label {value!r} is not one of {list(label_names)}; "
+                    f"closest: {closest(str(value), label_names)}")
 
 
 class TextDataset(ItemDataset):
@@ -146,31 +217,45 @@ def classification_dataset(name: str, rows: list[Mapping[str, Any]], *, split: s
                            text_pair_key: str | None, label_key: str, label_names: Sequence[str] | None, task: str,
                            metrics: Sequence[str] | None, max_length: int, files: Sequence[Path],
                            identity: Mapping[str, Any], subset: int | None, subset_mode: str,
-                           num_classes: int | None = None) -> TextDataset:
+                           num_classes: int | None = None, locations: Sequence[str] | None = None) -> TextDataset:
     """Sentence (pair) classification or regression over rows of dicts."""
     choose("task", task, ("classification", "regression"))
     where = f"Dataset {name!r} split {split!r}"
+    if locations is None:
+        locations = [f"{where} row {i}" for i in range(len(rows))]
     keys = [k for k in (text_key, text_pair_key, label_key) if k is not None]
-    for i, row in enumerate(rows):
+    for at, row in zip(locations, rows):
         missing = [k for k in keys if k not in row]
         if missing:
-            raise ConfigError(f"{where}: row {i} has no key {missing[0]!r}; it has {sorted(row)} "
-                              f"(closest: {closest(missing[0], row)})")
+            raise DataError(f"{at}: the row has no key {missing[0]!r}; it has {sorted(row)} "
+                            f"(closest: {closest(missing[0], row)})")
+        empty = [k for k in keys[:-1] if row[k] is None]
+        if empty:
+            raise DataError(f"{at}: text field {empty[0]!r} is null")
     texts = [str(r[text_key]) for r in rows]
     pairs = [str(r[text_pair_key]) for r in rows] if text_pair_key else None
     if task == "regression":
-        labels = [float(r[label_key]) for r in rows]
+        labels = [_number(r[label_key], at) for at, r in zip(locations, rows)]
         num_classes = None
     else:
-        labels = [encode_label(r[label_key], label_names, where) for r in rows]
+        labels = [encode_label(r[label_key], label_names, at) for at, r in zip(locations, rows)]
         num_classes = num_classes or (len(label_names) if label_names else max(labels, default=0) + 1)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     return TextDataset(
         encodings=enc, labels=labels, tokenizer=tokenizer, name=name, split=split, task=task, num_classes=num_classes,
         metrics=list(metrics or METRICS_BY_TASK[task]), label_names=label_names, files=files,
         identity={**identity, **tokenizer_identity(tokenizer), "max_length": max_length}, subset=subset,
-        subset_mode=subset_mode,
+        subset_mode=subset_mode, locations=locations,
     )
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        if value is None or isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: regression target {value!r} is not a number") from None
 
 
 @register_dataset("text_classification")
@@ -186,8 +271,10 @@ def text_classification(*, split: str, backbone: Any = None, root: str | None = 
     path = split_file("text_classification", root, split, data_files)
     if label_names is None and task == "classification":
         label_names = infer_label_names(list(data_files.values()) if data_files else sibling_files(path), label_key)
+    numbered = read_rows(path)
     return classification_dataset(
-        "text_classification", read_records(path), split=split, tokenizer=tok, text_key=text_key,
+        "text_classification", [r for _, r in numbered], split=split,
+        locations=[where_line(path, n) for n, _ in numbered], tokenizer=tok, text_key=text_key,
         text_pair_key=text_pair_key, label_key=label_key, label_names=label_names, task=task, metrics=metrics,
         max_length=max_length, files=[path], subset=subset, subset_mode=subset_mode,
         identity={"text_key": text_key, "text_pair_key": text_pair_key, "label_key": label_key},

