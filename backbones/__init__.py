@@ -1,6 +1,7 @@
 """Backbone adapters (installed as ``utuning.backbones``). Importing registers them."""
 
 from utuning.backbones import (
+    hf_decoder,  # noqa: F401
     hf_text,  # noqa: F401
     vit,  # noqa: F401
 )
