@@ -1,0 +1,109 @@
+"""State shared across sites (Tuner.shared_state): VeRA's frozen projections, FacT's factors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import VeraConfig, get_peft_model
+
+import utuning
+from tests.helpers import call, one_thread, randomize_tuners, tiny_vit  # noqa: F401 (one_thread: fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LINEARS = "blocks.*.*.*"
+IMAGES = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+
+
+def test_shared_state_is_one_module_saved_once_and_trained_by_every_site():
+    tuned = utuning.tune(utuning.wrap(tiny_vit()), [("fact", LINEARS, {"rank": 4, "dropout": 0.0})])
+    tuners = [a.tuner for a in tuned.attached()]
+    assert len(tuners) == 8 and all(t.shared is tuned.shared["fact"] for t in tuners)
+    state = tuned.tuner_state_dict()
+    assert [k for k in state if k.startswith("shared.")] == ["shared.fact.u", "shared.fact.v"]
+    names = dict(tuned.named_trainable_parameters())
+    assert "shared.fact.u" in names and "shared.fact.v" in names
+    assert tuned.summary()[-1]["site"] == "shared.fact (8 sites)"
+    # Every site's update reaches u: its gradient is the sum of the sites' contributions.
+    randomize_tuners(tuned)
+    call(tuned, IMAGES).pow(2).mean().backward()
+    full = tuned.shared["fact"].u.grad.clone()
+    for t in tuners[1:]:  # the same loss with only the first site's V-path active
+        t.scale = 0.0
+    tuned.zero_grad()
+    call(tuned, IMAGES).pow(2).mean().backward()
+    assert not torch.allclose(tuned.shared["fact"].u.grad, full)
+
+
+def test_shared_state_keys_and_errors():
+    specs = [("vera", "blocks.*.attn.qkv", {"rank": 4}), ("vera", "blocks.*.mlp.fc1", {"rank": 4})]
+    with pytest.raises(utuning.PlacementError, match="distinct 'key'"):
+        utuning.tune(utuning.wrap(tiny_vit()), specs)
+    tuned = utuning.tune(utuning.wrap(tiny_vit()), [specs[0], {"name": "vera", "at": "blocks.*.mlp.fc1",
+                                                               "args": {"rank": 2, "projection_seed": 1}, "key": "mlp"}])
+    assert set(tuned.shared) == {"vera", "mlp"}
+    assert tuned.shared["vera"].vera_A.shape == (4, 32) and tuned.shared["mlp"].vera_B.shape == (128, 2)
+    site = utuning.wrap(tiny_vit()).site_specs()["blocks.0.attn.qkv"]
+    lone = utuning.TUNERS.get("vera")(site=site, rank=4)
+    with pytest.raises(utuning.PlacementError, match="shares state across sites"):
+        lone.projections()
+    # A state dict without the shared projections is refused by name.
+    state = tuned.tuner_state_dict()
+    del state["shared.mlp.vera_A"]
+    with pytest.raises(utuning.StateDictError, match="shared.mlp.vera_A"):
+        tuned.load_tuner_state_dict(state)
+
+
+def test_vera_equals_peft_vera_on_a_timm_vit():
+    """Same seed -> same frozen projections as PEFT; the same λ vectors -> the same outputs (1e-5)."""
+    ref = tiny_vit().eval()
+    peft_model = get_peft_model(copy.deepcopy(ref), VeraConfig(r=8, target_modules=["qkv", "fc1", "fc2"],
+                                                               projection_prng_key=0)).eval()
+    ours = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("vera", "blocks.*.{attn.qkv,mlp.fc1,mlp.fc2}",
+                                                            {"rank": 8})]).eval()
+    randomize_tuners(ours, std=0.3)
+    peft_state = {}
+    for k, v in ours.tuner_state_dict().items():
+        if k.startswith("shared."):
+            continue
+        site, param = k.rsplit(".vera.", 1)
+        peft_state[f"base_model.model.{site}.vera_{param}.default"] = v
+    missing = peft_model.load_state_dict(peft_state, strict=False)
+    assert not missing.unexpected_keys
+    torch.testing.assert_close(ours.shared["vera"].vera_A, peft_model.base_model.vera_A["default"])
+    torch.testing.assert_close(ours.shared["vera"].vera_B, peft_model.base_model.vera_B["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(call(ours, IMAGES), peft_model(IMAGES["pixel_values"]), atol=1e-5, rtol=0)
+        ours.merge()
+        torch.testing.assert_close(call(ours, IMAGES), peft_model(IMAGES["pixel_values"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["tt", "tk"])
+def test_fact_updates_follow_the_papers_factorisation(form):
+    """FacT (arXiv 2212.03145, Sec. 3.2-3.3): each D x D chunk j of a layer changes by
+    ``s · V M_j U`` with M_j the TT middle factor of that (output, input) block, or in the Tucker
+    form ``M_j = Σ_k C[:, :, k] p[k, j]``; written out chunk by chunk here, against the merged weights."""
+    tuned = utuning.tune(utuning.wrap(tiny_vit().double()), [("fact", LINEARS, {"rank": 4, "form": form, "scale": 0.5})])
+    randomize_tuners(tuned.double(), std=0.3)
+    f = tuned.shared["fact"]
+    before = {k: v.clone() for k, v in tuned.backbone.frozen_state_dict().items()}
+    tuned.merge()
+    after = tuned.backbone.frozen_state_dict()
+    d, r = 32, 4
+    for a in tuned.attached():
+        site, t = a.sites[0], a.tuner
+        n_in, n_out = t.site.dim // d, t.site.out_dim // d
+        delta = after[f"{site}.weight"] - before[f"{site}.weight"]  # (n_out·D, n_in·D)
+        for o in range(n_out):
+            for i in range(n_in):
+                if form == "tt":
+                    m = t.core[o * r:(o + 1) * r, i * r:(i + 1) * r]  # (r_out, r_in)
+                else:
+                    j = f.offsets[site] + o * n_in + i
+                    m = torch.einsum("xyk,k->yx", f.core, f.p[:, j])  # (r_out, r_in)
+                expected = 0.5 * f.v @ m @ f.u  # (D, D)
+                torch.testing.assert_close(delta[o * d:(o + 1) * d, i * d:(i + 1) * d], expected, msg=f"{site} {o} {i}")
+    # 12 chunks per layer, as the paper counts: q, k, v, proj, 4 of fc1, 4 of fc2.
+    assert f.offsets == {"blocks.0.attn.qkv": 0, "blocks.0.attn.proj": 3, "blocks.0.mlp.fc1": 4, "blocks.0.mlp.fc2": 8,
+                         "blocks.1.attn.qkv": 12, "blocks.1.attn.proj": 15, "blocks.1.mlp.fc1": 16, "blocks.1.mlp.fc2": 20}
