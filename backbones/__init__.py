@@ -8,3 +8,4 @@ from utuning.backbones import (
 from utuning.backbones import generic, torch_mha  # noqa: F401, E402  (any nn.Module; nn.MultiheadAttention)
 
 from utuning.backbones import beit, eva  # noqa: F401, E402  (timm BEiT, EVA-02 / RoPE ViTs)
+from utuning.backbones import convnext, swin  # noqa: F401, E402  (timm Swin v1, ConvNeXt)
