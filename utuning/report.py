@@ -121,6 +121,7 @@ def read_run(run: str | Path) -> dict[str, Any]:
         "best": best.get(metric) if metric else None,
         "final": final.get(metric) if metric else None,
         "train_time_s": summary.get("train_time_s"),
+        "status": summary.get("status", "finished"),  # finished | diverged | interrupted
     }
 
 
@@ -141,12 +142,13 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ["name", "method", "tunable", "%", "metric", "best", "final", "time (s)"]
+    header = ["name", "method", "tunable", "%", "metric", "best", "final", "time (s)", "status"]
     body = [[str(r["name"]), r["method"], _num(r["tunable"], ","), _num(None if r["share"] is None else 100 * r["share"], ".3f"),
-             str(r["metric"] or "-"), _num(r["best"], ".4f"), _num(r["final"], ".4f"), _num(r["train_time_s"], ".1f")]
+             str(r["metric"] or "-"), _num(r["best"], ".4f"), _num(r["final"], ".4f"), _num(r["train_time_s"], ".1f"),
+             str(r.get("status", "finished")).upper() if r.get("status", "finished") != "finished" else "ok"]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    left = {0, 1, 4}
+    left = {0, 1, 4, 8}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
