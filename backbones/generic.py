@@ -183,6 +183,23 @@ class SiteModule(nn.Module):
         return f"site={self.slot.spec.name!r}, op={type(self.op).__name__}: {self.op.extra_repr()}"
 
 
+class SiteContainer(SiteModule):
+    """A ``SiteModule`` for ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict``: indexing,
+    iteration and ``len`` reach the container (and so its children, themselves site modules)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.op[index]
+
+    def __len__(self) -> int:
+        return len(self.op)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.op)
+
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _call_shape(args: tuple, kwargs: dict, out: Any) -> dict[str, Any] | str:
     """What one call of a module looked like, or why tuners cannot read and add to it."""
     x = args[0] if args else None
@@ -313,7 +330,8 @@ class GenericBackbone(Backbone):
             spec, handle = self._site(path, module, calls.get(path), layer, call is not None)
             slot = self.add_site(spec, handle)
             if spec.placements - {"unfreeze"}:
-                replace[id(module)] = SiteModule(module, slot, self.recorder, layer)
+                cls = SiteContainer if isinstance(module, CONTAINERS) else SiteModule
+                replace[id(module)] = cls(module, slot, self.recorder, layer)
         for parent, name, child in occurrences:
             if id(child) in replace:
                 parent._modules[name] = replace[id(child)]
