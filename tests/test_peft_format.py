@@ -92,6 +92,8 @@ def test_refusals(tmp_path):
     base = tiny_vit()
     theirs = peft_model(base, "LoraConfig", {"r": 2, "target_modules": ["qkv"]})
     theirs.save_pretrained(str(tmp_path / "ok"))
+    with pytest.raises(utuning.StateDictError, match=r"do not fit this model.*lora_A: adapter \(1, 2, 32\) vs model \(1, 2, 64\)"):
+        load_peft(tiny_vit(dim=64, heads=2), tmp_path / "ok")
     config_path = tmp_path / "ok" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     for field, value in (("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]])):

@@ -18,10 +18,10 @@ ids by the prefix length, which the text backbone does not do yet (see docs/from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from utuning.backbone import Backbone, wrap
 from utuning.errors import ConfigError, PlacementError, StateDictError, UtuningError
-from utuning.model import TunedModel, tune
+from utuning.model import TunedModel, tune, unwrap
 
 CONFIG, WEIGHTS, LEGACY = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -232,22 +232,22 @@ def load_peft(model: Backbone | nn.Module, adapter_dir: str | Path) -> TunedMode
     specs += [{"name": "full", "at": s} for s in full_sites]
     tuned = tune(backbone, specs)
     tuners = {(s, a.tuner.name): a.tuner for a in tuned.attached() for s in a.sites}
+    copies = []  # (target, value, what): every shape is checked before anything is copied
+    for site, name, parts in loads:
+        owner = backbone.model.get_submodule(name) if site == "ln" else tuners[(site, name)]
+        copies += [(getattr(owner, attr), t if site == "ln" else _to_ours(name, attr, t), f"{site}.{name}.{attr}")
+                   for attr, t in parts.items()]
+    for key, t in top.items():  # VeRA's shared projections
+        if not vera_sites or key not in ("vera_A", "vera_B"):
+            raise StateDictError(f"PEFT tensor {key!r} has no counterpart in the loaded model")
+        copies.append((getattr(tuners[(vera_sites[0], "vera")].shared, key), t, key))
+    copies += [(backbone.model.get_parameter(path), t, path) for path, t in saved_modules.items()]
+    bad = [f"{what}: adapter {tuple(v.shape)} vs model {tuple(t.shape)}" for t, v, what in copies if t.shape != v.shape]
+    if bad:
+        raise StateDictError(f"PEFT tensors that do not fit this model (was the adapter trained on it?): {bad[:6]}")
     with torch.no_grad():
-        for site, name, parts in loads:
-            if site == "ln":
-                module = backbone.model.get_submodule(name)
-                for attr, t in parts.items():
-                    _copy(getattr(module, attr), t, f"{name}.{attr}")
-                continue
-            for attr, t in parts.items():
-                _copy(getattr(tuners[(site, name)], attr), _to_ours(name, attr, t), f"{site}.{name}.{attr}")
-        for key, t in top.items():  # VeRA's shared projections
-            shared = tuners[(vera_sites[0], "vera")].shared if vera_sites else None
-            if shared is None or key not in ("vera_A", "vera_B"):
-                raise StateDictError(f"PEFT tensor {key!r} has no counterpart in the loaded model")
-            _copy(getattr(shared, key), t, key)
-        for path, t in saved_modules.items():
-            _copy(backbone.model.get_parameter(path), t, path)
+        for target, value, _ in copies:
+            target.copy_(value.to(target.dtype))
     return tuned
 
 
@@ -277,13 +277,6 @@ def _to_ours(name: str, attr: str, t: Tensor) -> Tensor:
     return t
 
 
-def _copy(target: Tensor, value: Tensor, what: str) -> None:
-    if tuple(target.shape) != tuple(value.shape):
-        raise StateDictError(f"PEFT tensor for {what} has shape {tuple(value.shape)}; the model expects "
-                             f"{tuple(target.shape)} (was the adapter trained on this base model?)")
-    target.copy_(value.to(target.dtype))
-
-
 # Writing ----------------------------------------------------------------------------------------
 def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``model``'s tuners as a PEFT adapter folder that ``PeftModel.from_pretrained(base, out_dir)``
@@ -291,7 +284,7 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
     plain ``linear_probe`` head); tuners without a PEFT form are refused by name with the reason."""
     from safetensors.torch import save_file
 
-    tuned = model if isinstance(model, TunedModel) else _unwrap(model)
+    tuned = unwrap(model)
     if any(a.tuner.merged for a in tuned.attached()):
         raise ConfigError("Unmerge the tuners before exporting a PEFT adapter (model.unmerge())")
     config, tensors = _collect(tuned, _Index(tuned.backbone))
@@ -304,22 +297,13 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
     return out
 
 
-def _unwrap(model: nn.Module) -> TunedModel:
-    from utuning.model import unwrap
-
-    return unwrap(model)
-
-
 def _known_fields(config: dict[str, Any]) -> dict[str, Any]:
     """Drop nothing silently: with PEFT installed, a field its config class lacks is an error."""
     try:
-        import dataclasses
-
         import peft
     except ImportError:
         return config
-    cls: Callable = peft.PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(peft.PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]])}
     missing = sorted(set(config) - known)
     if missing:
         raise UtuningError(f"The installed peft {peft.__version__} does not know config fields {missing} "
