@@ -27,6 +27,7 @@ from tests.helpers import (  # noqa: F401 (one_thread: fixture)
     randomize_tuners,
 )
 from utuning.backbones.eva import EvaBackbone
+from utuning.cache import FeatureCache
 from utuning.errors import PlacementError, UnsupportedModelError, UtuningError
 from utuning.tuner import Tuner
 
@@ -78,9 +79,10 @@ def _assert_refused(probe: utuning.Backbone, specs: list, match: str) -> None:
 
 def check_zoo_tuner(name: str, make_backbone: Callable[[], utuning.Backbone],
                     reference: Callable[[dict], torch.Tensor], inputs: dict, atol: float = 1e-5,
-                    refusals: dict[str, str] | None = None) -> None:
+                    refusals: dict[str, str] | None = None, changing: frozenset[str] = frozenset()) -> None:
     """The zoo contract for tuner ``name`` on a backbone family (see the module docstring).
-    ``refusals``: tuner -> regex of the reason a family refuses it with when attached at every site it fits."""
+    ``refusals``: tuner -> regex of the reason a family refuses it with when attached at every site it fits;
+    ``changing``: tuners that cannot start as the identity on this family (e.g. a new head on an encoder)."""
     probe = make_backbone()
     args, fits, refused = zoo_spec(probe, name)
     cls = utuning.TUNERS.get(name)
@@ -99,7 +101,7 @@ def check_zoo_tuner(name: str, make_backbone: Callable[[], utuning.Backbone],
     assert set(tuned.backbone.model.state_dict()) == keys, "attaching tuners renamed frozen state-dict keys"
     with torch.no_grad():
         before = call(tuned, inputs)
-        if cls.placement != "side" and name not in CHANGING:
+        if cls.placement != "side" and name not in CHANGING | changing:
             torch.testing.assert_close(before, reference(inputs), atol=atol, rtol=0)
         randomize_tuners(tuned, std=0.2)
         after = call(tuned, inputs)
@@ -117,6 +119,21 @@ def check_zoo_tuner(name: str, make_backbone: Callable[[], utuning.Backbone],
             torch.testing.assert_close(call(tuned, inputs), after, atol=atol, rtol=1e-4)
             tuned.unmerge()
             torch.testing.assert_close(call(tuned, inputs), after, atol=atol, rtol=1e-4)
+
+
+def check_feature_cache(tuned: utuning.TunedModel, pixel_values: torch.Tensor, root) -> None:
+    """Side tuners on cached features (built once, then hit) give the live outputs."""
+    data = [(pixel_values[i], i % 3) for i in range(len(pixel_values))]
+    cached = FeatureCache(root, shard_size=3).dataset(tuned, data, batch_size=2)
+    hit = FeatureCache(root).dataset(tuned, data, batch_size=2)
+    assert hit.key == cached.key and len(cached) == len(data)
+    feats, target = cached.collate([cached[i] for i in range(len(data))])
+    assert target.tolist() == [i % 3 for i in range(len(data))]
+    tuned.eval()
+    with torch.no_grad():
+        live, again = tuned(pixel_values=pixel_values), tuned(features=feats)
+    for key in live:
+        torch.testing.assert_close(again[key], live[key], atol=1e-5, rtol=0)
 
 
 # Tiny EVA models --------------------------------------------------------------------------------
@@ -288,14 +305,10 @@ def test_side_tuners_cache_and_wrap(tmp_path):
     tuned = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("bypass", "blocks.*", {"num_classes": 3, "hidden": 4}),
                                                              ("ytuning", "blocks.*", {"num_labels": 3, "hidden": 8,
                                                                                       "heads": 2})])
-    x = images(ref)
-    feats = tuned.backbone.intermediates(**x, layers=[0, 1])
+    x = images(ref, batch=4)
     out = tuned(**x)
-    assert set(out) == {"bypass", "ytuning"} and out["bypass"].shape == (2, 3)
-    with torch.no_grad():
-        again = tuned(features=feats)
-    for k in out:
-        torch.testing.assert_close(again[k], out[k].detach())
+    assert set(out) == {"bypass", "ytuning"} and out["bypass"].shape == (4, 3)
+    check_feature_cache(tuned, x["pixel_values"], tmp_path)
     backbone = utuning.build_backbone("eva", model="eva02_tiny_patch14_224", num_classes=4, img_size=28, patch_size=7,
                                       embed_dim=32, depth=1, num_heads=2)
     assert backbone(**backbone.example_inputs(1)).shape == (1, 4)
