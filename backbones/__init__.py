@@ -9,3 +9,4 @@ from utuning.backbones import generic, torch_mha  # noqa: F401, E402  (any nn.Mo
 
 from utuning.backbones import beit, eva  # noqa: F401, E402  (timm BEiT, EVA-02 / RoPE ViTs)
 from utuning.backbones import convnext, swin  # noqa: F401, E402  (timm Swin v1, ConvNeXt)
+from utuning.backbones import hf_vision  # noqa: F401, E402  (HF ViT, DINOv2, CLIP and SigLIP vision encoders)
