@@ -107,3 +107,25 @@ def test_fact_updates_follow_the_papers_factorisation(form):
     # 12 chunks per layer, as the paper counts: q, k, v, proj, 4 of fc1, 4 of fc2.
     assert f.offsets == {"blocks.0.attn.qkv": 0, "blocks.0.attn.proj": 3, "blocks.0.mlp.fc1": 4, "blocks.0.mlp.fc2": 8,
                          "blocks.1.attn.qkv": 12, "blocks.1.attn.proj": 15, "blocks.1.mlp.fc1": 16, "blocks.1.mlp.fc2": 20}
+
+
+def test_shared_state_and_scale_shift_compile_in_one_graph():
+    """``torch.compile(fullgraph=True)`` traces tuners that read shared state (VeRA, FacT) and the
+    custom autograd function of SSF: same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    tuned = utuning.tune(utuning.wrap(tiny_vit()), [("vera", "blocks.*.mlp.fc1", {"rank": 4}),
+                                                    ("fact", "blocks.*.attn.qkv", {"rank": 4, "form": "tk"}),
+                                                    ("ssf", "blocks.*.mlp.fc2", {})]).eval()
+    randomize_tuners(tuned)
+    compiled = torch.compile(tuned, backend="aot_eager", fullgraph=True)
+
+    def run(model):
+        tuned.zero_grad()
+        out = call(model, IMAGES)
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tuned.named_trainable_parameters()}
+
+    (out_c, grads_c), (out_e, grads_e) = run(compiled), run(tuned)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    for n, g in grads_e.items():
+        torch.testing.assert_close(grads_c[n], g, atol=1e-5, rtol=1e-5, msg=n)
