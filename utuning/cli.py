@@ -232,7 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    sweep = load_sweep(args.sweep, overrides=list(args.set or []))
+    sweep = load_sweep(args.sweep, overrides=list(args.set or []), imports=list(args.imports))
     if args.dry_run:
         print(plan(sweep))
         return 0
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="accuracy-vs-parameters plot per table (implies --tables)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("sweep", help="methods x data sets x seeds x a hyperparameter search (Optuna)",
+    p = sub.add_parser("sweep", parents=[common], help="methods x data sets x seeds x a hyperparameter search (Optuna)",
                        description="Run a sweep file: choose hyperparameters on a validation split, retrain with "
                        "the chosen ones on each seed, write the paper tables. Runs are `utuning train` subprocesses; "
                        "an interrupted sweep resumes without redoing finished runs. See docs/research.md.")
