@@ -280,3 +280,16 @@ def test_quantised_frozen_weights_with_lora_refuse_merge_until_dequantized(metho
         y = tuned(**inputs)
         tuned.merge()
         torch.testing.assert_close(tuned(**inputs), y, atol=1e-5, rtol=1e-5)
+
+
+def tiny_tokenizer(vocab_size: int = 300) -> tf.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a few sentences (<pad> 0, <s> 1, </s> 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "a dog ran in the park", "hello world, said the bird"], trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

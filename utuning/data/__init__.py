@@ -44,7 +44,7 @@ Metrics: ``compute_metrics(names, preds, labels, label_names=None) -> {name: flo
 token_accuracy, seq_f1, qa_exact, qa_f1); preds may be scores (arg-maxed) or ids.
 """
 
-from utuning.data import fgvc, glue, spans, text, vision, vtab  # noqa: F401  (registration)
+from utuning.data import fgvc, glue, lm, spans, text, vision, vtab  # noqa: F401  (registration)
 from utuning.data import lexicon  # noqa: F401  (registration: vader_valence)
 from utuning.data.base import (
     DATASETS,

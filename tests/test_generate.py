@@ -1,0 +1,113 @@
+"""Generation with the KV cache: cached steps equal full forwards (with prompt, prefix, LoRA and
+adapter tuners), greedy tokens equal Hugging Face ``generate`` untuned and with merged LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import utuning
+from tests.helpers import randomize_tuners
+from tests.test_hf_decoder import LLAMA_LINEARS, left_padded, pair, tiny_decoder, tiny_tokenizer
+from utuning.backbones.hf_decoder import HFDecoderBackbone
+from utuning.errors import ConfigError
+from utuning.generate import generate, generate_ids, generate_main
+
+TUNERS = [("prompt", "embed", {"tokens": 2}), ("prompt", "blocks.1", {"tokens": 2}),
+          ("prefix", "blocks.*.attn", {"tokens": 3}), ("p_adapter", "blocks.*.mlp", {"hidden": 4})]
+
+
+def prompts(backbone: HFDecoderBackbone) -> dict:
+    """Three left-padded prompts of 8, 5 and 8 tokens."""
+    return left_padded(backbone.example_inputs(3, 8))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_cached_steps_equal_the_full_forward_with_tuners(family):
+    _, make = pair(family)
+    lora = ("lora", LLAMA_LINEARS if family != "gpt2" else "blocks.*.attn.qkv", {"rank": 2})
+    tuned = utuning.tune(make(), [*TUNERS, lora]).eval()
+    randomize_tuners(tuned)
+    backbone = tuned.backbone
+    inputs = prompts(backbone)
+    more = torch.randint(3, 100, (3, 4))
+    ids = torch.cat([inputs["input_ids"], more], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(more)], 1)
+    with torch.no_grad():
+        full = tuned(input_ids=ids, attention_mask=mask)[:, 8:]  # (B, 4, V): logits at the new tokens
+        cache = backbone.new_cache()
+        steps = [backbone(inputs["input_ids"], inputs["attention_mask"], cache=cache)[:, -1:]]
+        steps += [backbone(more[:, t:t + 1], torch.ones(3, 1, dtype=torch.long), cache=cache) for t in range(3)]
+    # the prompt chunk's last logits predict more[:, 0]; step t's predict more[:, t + 1]
+    torch.testing.assert_close(torch.cat(steps, 1), torch.cat([tuned(**inputs)[:, -1:], full[:, :3]], 1),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_greedy_equals_hf_generate_untuned_and_with_merged_lora(family):
+    hf, make = pair(family)
+    backbone = make()
+    inputs = prompts(backbone)
+    kw = {"max_new_tokens": 6, "eos_token_id": None, "pad_token_id": 0}
+    ref = hf.generate(**inputs, do_sample=False, **kw)[:, 8:]
+    ours = generate_ids(backbone, inputs["input_ids"], inputs["attention_mask"], **kw)
+    assert torch.equal(ours, ref)
+
+    linears = LLAMA_LINEARS if family != "gpt2" else ["blocks.*.attn.qkv", "blocks.*.mlp.*"]
+    tuned = utuning.tune(make(), [("lora", linears, {"rank": 2})]).eval()
+    randomize_tuners(tuned, std=0.3)
+    unmerged = generate_ids(tuned, inputs["input_ids"], inputs["attention_mask"], **kw)
+    tuned.merge()
+    merged = generate_ids(tuned, inputs["input_ids"], inputs["attention_mask"], **kw)
+    hf_merged = copy.deepcopy(hf)
+    hf_merged.load_state_dict(tuned.backbone.frozen_state_dict())
+    assert torch.equal(merged, hf_merged.generate(**inputs, do_sample=False, **kw)[:, 8:])
+    assert torch.equal(unmerged, merged)
+    assert not torch.equal(merged, ref)  # the LoRA update changed the text
+
+
+def test_generate_text_eos_sampling_and_refusals():
+    tok = tiny_tokenizer()
+    hf = tiny_decoder("llama")
+    hf.resize_token_embeddings(len(tok))
+    tuned = utuning.tune(HFDecoderBackbone(hf), [("prefix", "blocks.*.attn", {"tokens": 2})]).eval()
+    texts = generate(tuned, tok, ["the cat", "a dog ran in the"], max_new_tokens=5)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    enc = tok(["the cat", "a dog ran in the"], padding=True, padding_side="left", return_tensors="pt")
+    greedy = generate_ids(tuned, enc["input_ids"], enc["attention_mask"], max_new_tokens=5)
+    eos = int(greedy[0, 1])  # stop row 0 at its second token: later tokens become padding
+    stopped = generate_ids(tuned, enc["input_ids"], enc["attention_mask"], max_new_tokens=5, eos_token_id=eos,
+                           pad_token_id=0)
+    assert stopped[0, 1] == eos and (stopped[0, 2:] == 0).all()
+    a, b = (generate_ids(tuned, enc["input_ids"], enc["attention_mask"], max_new_tokens=5, do_sample=True,
+                         temperature=2.0, seed=7) for _ in range(2))
+    assert torch.equal(a, b)
+    top1 = generate_ids(tuned, enc["input_ids"], enc["attention_mask"], max_new_tokens=5, do_sample=True, top_k=1, seed=3)
+    assert torch.equal(top1, greedy)
+    with pytest.raises(ConfigError, match="left-padded"):
+        generate_ids(tuned, enc["input_ids"], torch.cat([enc["attention_mask"][:, 1:], torch.zeros(2, 1, dtype=torch.long)], 1))
+    side = utuning.tune(HFDecoderBackbone(tiny_decoder("llama")), [("bypass", "blocks.*", {"num_classes": 2})])
+    with pytest.raises(ConfigError, match="side tuners"):
+        generate_ids(side, enc["input_ids"])
+    with pytest.raises(ConfigError, match="causal language model"):
+        generate_ids(HFDecoderBackbone(tiny_decoder("llama", "classification")), enc["input_ids"])
+
+
+def test_generate_main_from_a_recipe_and_a_model_folder(tmp_path):
+    tok = tiny_tokenizer()
+    hf = tiny_decoder("gpt2")
+    hf.resize_token_embeddings(len(tok))
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: gen
+backbone: {{name: hf_decoder, model: {tmp_path / 'model'}, pretrained: true}}
+tuners: [{{name: lora, at: "blocks.*.attn.qkv", args: {{rank: 2, parts: [q, v]}}}}]
+task: {{type: causal_lm}}
+data: {{name: causal_lm, root: {tmp_path}}}
+""")
+    out = generate_main(recipe, None, ["the cat", "hello"], max_new_tokens=4)
+    backbone = HFDecoderBackbone.create(model=str(tmp_path / "model"), pretrained=True)
+    assert out == generate(backbone, backbone.tokenizer, ["the cat", "hello"], max_new_tokens=4)  # LoRA B = 0
