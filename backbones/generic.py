@@ -12,7 +12,7 @@ module (by type)            site kind       placements
 ``nn.Conv1d/2d/3d``         conv            reparam (``conv_lora``), unfreeze
 ``nn.MultiheadAttention``   attn (+ linear  prefix, parallel, sequential, unfreeze; q/k/v and
                             in_proj, out)   out_proj reparam (``torch_mha.py``)
-``nn.Embedding``            embed           unfreeze
+``nn.Embedding``            embed           reparam (``embedding_lora``), unfreeze
 norms (LayerNorm, BN...)    norm            unfreeze
 any other module with       block           parallel, sequential (single-tensor input and
 parameters                                  output, widths from a dry run), side, unfreeze
@@ -42,8 +42,9 @@ the adapter runs the model with ``torch.backends.mha`` fast path off.
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 
 from utuning.backbone import Backbone, Features, refuse
 from utuning.backbones.torch_mha import add_attention_sites
-from utuning.errors import ConfigError, UnsupportedModelError
+from utuning.errors import ConfigError, UnknownNameError, UnsupportedModelError, closest
 from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
@@ -249,6 +250,12 @@ def dry_run(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, dict
     return calls, order
 
 
+def _positional(kwargs: dict, key: str, args: tuple = ()) -> tuple[tuple, dict]:
+    """``batch[key]`` as the model's first positional argument (data loaders name their inputs)."""
+    rest = dict(kwargs)
+    return (rest.pop(key), *args), rest
+
+
 def _as_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,), {}
@@ -297,21 +304,64 @@ class GenericBackbone(Backbone):
                                                     for p, m in model.named_modules())
 
     @classmethod
-    def create(cls, **kwargs: Any) -> GenericBackbone:
-        raise ConfigError("The generic adapter wraps a model you built: utuning.tune(model, specs, backbone='generic', "
-                          "example_inputs=...); recipes need a registered backbone adapter")
+    def create(cls, *, model: str, pretrained: bool | str = False, num_classes: int | None = None,
+               img_size: int | None = None, input_shape: Sequence[int] | None = None, input_dtype: str = "float32",
+               input_key: str = "pixel_values", sequence_first: bool = False, **model_kwargs: Any) -> GenericBackbone:
+        """Build ``model``, an importable callable (``"torchvision.models.resnet18"`` or
+        ``"package.module:function"``), with ``model_kwargs`` (and ``num_classes``), and wrap it.
+        ``pretrained``: False or a local state-dict file. The dry run uses random inputs of shape
+        ``(2, *input_shape)`` (default ``(2, 3, img_size, img_size)``; ``input_dtype: int64`` for
+        token ids, drawn from 0 and 1). Batches call the model with ``batch[input_key]`` as its input."""
+        module_name, _, attr = model.partition(":") if ":" in model else model.rpartition(".")
+        try:
+            found = importlib.import_module(module_name)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"backbone.model={model!r} is not an importable callable "
+                              f"('package.module.function' or 'package.module:function'): {e}") from e
+        build = getattr(found, attr, None)
+        if not callable(build):
+            names = [n for n in dir(found) if not n.startswith("_")]
+            raise UnknownNameError(f"{module_name} has no callable {attr!r}. Did you mean {closest(attr, names)}?")
+        if num_classes is not None:
+            model_kwargs["num_classes"] = num_classes
+        net = build(**model_kwargs)
+        if pretrained is True:
+            raise ConfigError("The generic adapter loads weights from a local file (pretrained: path/to/weights.pt), "
+                              "or through the model's own arguments (backbone.args)")
+        if pretrained:
+            net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+        if input_shape is None:
+            if img_size is None:
+                raise ConfigError("The generic adapter needs backbone.args.input_shape (one sample's shape) or img_size")
+            input_shape = (3, img_size, img_size)
+        dtypes = {"float32": torch.float32, "int64": torch.int64}
+        if input_dtype not in dtypes:
+            raise ConfigError(f"input_dtype={input_dtype!r} is not one of {list(dtypes)}")
+        dtype = dtypes[input_dtype]
+        sample = torch.randn(2, *input_shape) if dtype.is_floating_point else torch.randint(0, 2, (2, *input_shape))
+        return cls(net, example_inputs={input_key: sample}, sequence_first=sequence_first, input_key=input_key)
 
-    def __init__(self, model: nn.Module, *, example_inputs: Any = None, sequence_first: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, example_inputs: Any = None, sequence_first: bool = False,
+                 input_key: str | None = None) -> None:
         if isinstance(model, Backbone):
             raise refuse(f"A {type(model).__name__}", "it is already a backbone adapter; pass its model")
+        if isinstance(model, nn.MultiheadAttention):
+            raise refuse("A bare nn.MultiheadAttention", "wrap a module that holds it: its sites are then "
+                         "'<name>', '<name>.in_proj' and '<name>.out_proj'")
         if not self.accepts(model):
             raise refuse(f"A {type(model).__name__} without submodules", "the generic adapter's sites are submodules")
-        call = None if example_inputs is None else _as_call(model, example_inputs)
+        if example_inputs is None:
+            call = None
+        elif input_key is not None and isinstance(example_inputs, Mapping):
+            call = _positional(dict(example_inputs), input_key)
+        else:
+            call = _as_call(model, example_inputs)
         calls, order = dry_run(model, *call) if call is not None else ({}, [])
         occurrences = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
                        if child is not None]
         super().__init__(model)  # all checks and the dry run are done: from here on the model changes
         self._call = call
+        self.input_key = input_key
         self.recorder = Recorder(sequence_first=sequence_first)
         replace: dict[int, nn.Module] = {}
         inside_attention: list[str] = []
@@ -340,6 +390,11 @@ class GenericBackbone(Backbone):
               ran: bool) -> tuple[SiteSpec, OpHandle]:
         kind = _kind(module)
         refused = {"prompt": NOT_ATTENTION, "prefix": NOT_ATTENTION}
+        if ran and call is None and kind in ("linear", "conv", "embed"):
+            # e.g. the out_proj of an nn.MultiheadAttention called by its parent: the parent reads
+            # the weights directly, so a reparam tuner on this module would never run.
+            refused["reparam"] = "the dry run never called this module (its parent may read its weights directly)"
+            return SiteSpec(path, kind, 0, frozenset({"unfreeze"}), refused=refused), ModuleHandle(path, module)
         if kind == "linear":
             spec = SiteSpec(path, "linear", module.in_features, frozenset({"reparam", "unfreeze"}),
                             out_dim=module.out_features, refused=refused, info={"split": 1})
@@ -350,9 +405,14 @@ class GenericBackbone(Backbone):
             spec = SiteSpec(path, "conv", module.in_channels, frozenset({"reparam", "unfreeze"}),
                             out_dim=module.out_channels, refused=refused, info=info)
             return spec, ModuleHandle(path, module)
-        if kind in ("embed", "norm"):
-            width = module.embedding_dim if kind == "embed" else _norm_width(module)
-            return SiteSpec(path, kind, width, frozenset({"unfreeze"}), refused=refused), ModuleHandle(path, module)
+        if kind == "embed":
+            info = {k: getattr(module, k) for k in ("num_embeddings", "padding_idx", "max_norm")}
+            spec = SiteSpec(path, "embed", module.embedding_dim, frozenset({"reparam", "unfreeze"}), refused=refused,
+                            info=info)
+            return spec, ModuleHandle(path, module)
+        if kind == "norm":
+            return SiteSpec(path, kind, _norm_width(module), frozenset({"unfreeze"}), refused=refused), \
+                ModuleHandle(path, module)
         if isinstance(call, dict):
             spec = SiteSpec(path, "block", call["dim"], frozenset({"parallel", "sequential", "unfreeze"}),
                             out_dim=call["out_dim"], layer=layer, refused=refused, info=dict(call))
@@ -364,6 +424,8 @@ class GenericBackbone(Backbone):
 
     # Running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_key is not None and self.input_key in kwargs:
+            args, kwargs = _positional(kwargs, self.input_key, args)
         with fused_attention_off():
             return self.model(*args, **kwargs)
 
@@ -393,5 +455,6 @@ class GenericBackbone(Backbone):
         if self._call is None:
             raise ConfigError("This generic backbone was wrapped without example_inputs")
         args, kwargs = self._call
-        bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
-        return dict(bound.arguments)
+        if self.input_key is not None:
+            return {self.input_key: args[0], **kwargs}
+        return dict(inspect.signature(self.model.forward).bind(*args, **kwargs).arguments)

@@ -130,6 +130,18 @@ def test_refusals_name_the_reason(resnet):
     with pytest.raises(utuning.PlacementError, match="it returns a tuple"):
         utuning.tune(TwoOutputs(), [("p_adapter", "pair", {})], backbone="generic",
                      example_inputs=torch.randn(2, 3, 4))
+    class ReadsWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.lin.weight)
+
+    with pytest.raises(utuning.PlacementError, match="the dry run never called this module"):
+        utuning.tune(ReadsWeights(), [("lora", "lin", {})], backbone="generic", example_inputs=torch.randn(2, 4))
+    with pytest.raises(utuning.UnsupportedModelError, match="bare nn.MultiheadAttention"):
+        utuning.wrap(nn.MultiheadAttention(8, 2), "generic")
     with pytest.raises(utuning.ConfigError, match="dry run of ResNet on example_inputs failed"):
         backbone(example_inputs=torch.randn(2, 5, 32, 32))
     with pytest.raises(utuning.UnsupportedModelError, match="No registered backbone adapter accepts a .*Linear"):
@@ -164,7 +176,7 @@ class Zoo(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 4, 4) -> (B, 3)
         h = self.stem(x)
         h = h + self.block(h)
-        t = self.proj(h.flatten(2).transpose(1, 2)) + self.pos.weight[None]  # (B, 16, 32)
+        t = self.proj(h.flatten(2).transpose(1, 2)) + self.pos(torch.arange(16))  # (B, 16, 32)
         return self.head(self.norm(self.encoder(t)).mean(1))
 
 
@@ -234,3 +246,16 @@ def test_every_registered_tuner(name):
             torch.testing.assert_close(call(tuned, inputs), unmerged, atol=1e-5, rtol=1e-5)
             tuned.unmerge()
             torch.testing.assert_close(call(tuned, inputs), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_build_from_a_recipe_entry():
+    """``build_backbone("generic", model=<importable callable>, ...)``: what a recipe's backbone section
+    builds; batches name their input (``pixel_values``)."""
+    backbone = utuning.build_backbone("generic", model="torchvision.models.resnet18", num_classes=4, img_size=32)
+    tuned = utuning.tune(backbone, [("conv_lora", "layer4.*.conv2", {"rank": 2}), ("full", "fc", {})])
+    assert set(backbone.example_inputs()) == {"pixel_values"}
+    assert tuned(**backbone.example_inputs()).shape == (2, 4)
+    with pytest.raises(utuning.UnknownNameError, match="no callable 'resnet1800'. Did you mean \\['resnet18"):
+        utuning.build_backbone("generic", model="torchvision.models.resnet1800", img_size=32)
+    with pytest.raises(utuning.ConfigError, match="input_shape"):
+        utuning.build_backbone("generic", model="torchvision.models.resnet18")

@@ -1,4 +1,5 @@
-"""LoRA for convolutions: a low-rank update beside a frozen ``nn.Conv1d/2d/3d``, mergeable into it."""
+"""LoRA beyond linear layers: a low-rank update beside a frozen ``nn.Conv1d/2d/3d`` or ``nn.Embedding``
+(sites of the generic adapter), mergeable into it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from utuning.tuner import Tuner
 from utuning.tuners._common import positive
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _wide(delta: Tensor) -> Tensor:
+    """The update in at least float32 (half-precision updates lose what merge adds)."""
+    return delta.to(torch.promote_types(delta.dtype, torch.float32))
 
 
 @register_tuner("conv_lora")
@@ -71,9 +77,60 @@ class ConvLoRA(Tuner):
     @torch.no_grad()
     def merge(self, op: OpHandle) -> None:
         weight = self._weight(op)
-        weight += self.delta_weight().to(weight.dtype)
+        delta = _wide(self.delta_weight())  # in at least float32, checked before it touches frozen weights
+        if not torch.isfinite(delta).all():
+            raise PlacementError(f"conv_lora at {op.site!r}: the update holds non-finite values; not merged")
+        weight += delta.to(weight.dtype)
 
     @torch.no_grad()
     def unmerge(self, op: OpHandle) -> None:
         weight = self._weight(op)
-        weight -= self.delta_weight().to(weight.dtype)
+        weight -= _wide(self.delta_weight()).to(weight.dtype)
+
+
+@register_tuner("embedding_lora")
+class EmbeddingLoRA(Tuner):
+    """LoRA (Hu et al. 2021, arXiv 2106.09685) on an embedding table, as HF PEFT writes it:
+    ``y = E[ids] + s·B Aᵀ[ids]`` with ``A`` (rank, V) at zero (the identity at init) and ``B``
+    (D, rank) normal; ``merge`` adds ``s·(B A)ᵀ`` to the frozen table. Embeddings with
+    ``max_norm`` (which rewrite their rows when looked up) are refused."""
+
+    placement = "reparam"
+    site_kinds = frozenset({"embed"})
+    paper = "https://arxiv.org/abs/2106.09685"
+
+    def __init__(self, site: SiteSpec, *, rank: int = 8, alpha: float = 8.0) -> None:
+        super().__init__(site)
+        positive("rank", rank)
+        if "num_embeddings" not in site.info or site.info.get("max_norm") is not None:
+            raise ConfigError(f"embedding_lora at {site.name!r}: needs an nn.Embedding site without max_norm")
+        self.padding_idx = site.info.get("padding_idx")
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.zeros(rank, site.info["num_embeddings"]))  # (r, V)
+        self.lora_B = nn.Parameter(torch.randn(site.dim, rank))  # (D, r)
+
+    def delta_weight(self) -> Tensor:
+        """The update of the frozen table, (V, D)."""
+        return (self.lora_B @ self.lora_A).T * self.scaling
+
+    def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (...) ids, y (..., D)
+        h = F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx)  # (..., r)
+        return y + (h @ self.lora_B.T) * self.scaling
+
+    def _weight(self, op: OpHandle) -> Tensor:
+        layer = op.modules.get("")
+        if not isinstance(layer, nn.Embedding):
+            raise PlacementError(f"embedding_lora cannot merge into {op.site!r}: its handle holds no nn.Embedding")
+        return layer.weight
+
+    @torch.no_grad()
+    def merge(self, op: OpHandle) -> None:
+        weight, delta = self._weight(op), _wide(self.delta_weight())
+        if not torch.isfinite(delta).all():
+            raise PlacementError(f"embedding_lora at {op.site!r}: the update holds non-finite values; not merged")
+        weight += delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, op: OpHandle) -> None:
+        weight = self._weight(op)
+        weight -= _wide(self.delta_weight()).to(weight.dtype)
