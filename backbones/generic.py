@@ -448,6 +448,9 @@ class GenericBackbone(Backbone):
         final = found[max(layers)]
         return Features(found, final, final.mean(1), None, {"prefix_tokens": 0})
 
+    def feature_options(self) -> dict[str, Any]:
+        return {"sequence_first": self.recorder.sequence_first, "input_key": self.input_key}
+
     def head(self, pooled: Tensor) -> Tensor:
         raise UnsupportedModelError("The generic adapter has no head site: the model's own modules make its outputs")
 
