@@ -193,12 +193,15 @@ class HFVisionBackbone(Backbone):
 
     @classmethod
     def create(cls, *, model: str = "vit", pretrained: bool = False, num_classes: int | None = None,
-               **config_overrides: Any) -> HFVisionBackbone:
+               img_size: int | None = None, **config_overrides: Any) -> HFVisionBackbone:
         """Build from a hub name / local folder (weights with ``pretrained=True``) or, with
         ``pretrained=False``, a model type in ``FAMILIES`` and config overrides (how the tests build
         tiny models offline). ``num_classes`` builds ``ViTForImageClassification`` (ViT only; the other
-        families are encoders: attach ``linear_probe`` with ``num_classes`` instead)."""
+        families are encoders: attach ``linear_probe`` with ``num_classes`` instead); ``img_size`` sets the
+        config's ``image_size`` (position embeddings of that size: new ones unless the checkpoint has them)."""
         model, overrides = str(model), dict(config_overrides)
+        if img_size is not None:
+            overrides["image_size"] = img_size
         from_type = model in FAMILIES and not Path(model).is_dir()
         if from_type and pretrained:
             raise ConfigError(f"model={model!r} is a model type, which has no weights; give a hub name or a folder")

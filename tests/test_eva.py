@@ -314,3 +314,19 @@ def test_side_tuners_cache_and_wrap(tmp_path):
     assert backbone(**backbone.example_inputs(1)).shape == (1, 4)
     with pytest.raises(utuning.UnknownNameError, match="eva02_tiny"):
         utuning.build_backbone("eva", model="eva02_tiny_patch14_22")
+
+
+def test_grad_checkpointing_same_outputs_and_grads():
+    results = []
+    for enable in (False, True):
+        tuned = utuning.tune(utuning.wrap(tiny_eva("rope_mixed")), [("prompt", "blocks.*", {"tokens": 2}),
+                                                                   ("lora", "blocks.*.attn.qkv", {"rank": 2})]).eval()
+        randomize_tuners(tuned)
+        tuned.set_grad_checkpointing(enable)
+        assert tuned.backbone.model.grad_checkpointing == enable
+        out = tuned(**images(tuned.backbone.model))
+        out.pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in tuned.named_trainable_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][k])

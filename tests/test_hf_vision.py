@@ -120,7 +120,8 @@ def test_side_tuners_and_feature_cache(tmp_path):
 
 def test_wrap_create_and_refusals():
     assert isinstance(utuning.wrap(tiny_hf("clip")), HFVisionBackbone)
-    backbone = utuning.build_backbone("hf_vision", model="vit", num_classes=4, **TINY, intermediate_size=64)
+    tiny = {k: v for k, v in TINY.items() if k != "image_size"}
+    backbone = utuning.build_backbone("hf_vision", model="vit", num_classes=4, img_size=32, **tiny, intermediate_size=64)
     assert isinstance(backbone.model, tf.ViTForImageClassification)
     assert backbone(**backbone.example_inputs(1)).shape == (1, 4)
     assert backbone.site_names()[:8] == ["embed", "blocks.0", "blocks.0.attn", "blocks.0.mlp", "blocks.0.attn.q",
@@ -133,3 +134,18 @@ def test_wrap_create_and_refusals():
         utuning.build_backbone("hf_vision", model="siglip_vision_model", num_classes=3, **TINY)
     with pytest.raises(UnsupportedModelError, match="VisionLayer"):
         HFVisionBackbone(swiglu.model)  # already re-written: refused by name
+
+
+@pytest.mark.parametrize("specs", [[("prompt", "blocks.*", {"tokens": 2})], [("lora", "blocks.*.attn.q", {"rank": 2})]])
+def test_grad_checkpointing_same_outputs_and_grads(specs):
+    results = []
+    for enable in (False, True):
+        tuned = utuning.tune(utuning.wrap(tiny_hf("dinov2")), specs).eval()
+        randomize_tuners(tuned)
+        tuned.set_grad_checkpointing(enable)
+        out = tuned(**pixels())
+        out.pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in tuned.named_trainable_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][k])
