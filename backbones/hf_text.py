@@ -65,6 +65,7 @@ from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
+from utuning.versions import require
 
 _OP_PLACEMENTS = frozenset({"parallel", "sequential", "unfreeze"})
 _LINEARS = {  # site suffix -> (module path in the layer: BERT-style, DeBERTa)
@@ -175,6 +176,8 @@ def _check(model: nn.Module, family: Family) -> None:
         extra = set(dict(layer.named_children())) - {"attention", "intermediate", "output"}
         if extra:
             raise refuse(f"encoder.layer.{i} has extra submodules {sorted(extra)}", "the re-written forward skips them")
+        for path, names in (DebertaLayer if family.deberta else TextLayer).READS.items():
+            require(layer.get_submodule(path), names, where=f"encoder.layer.{i}.{path}", library="transformers")
 
 
 @register_backbone("hf_text")

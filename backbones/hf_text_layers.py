@@ -59,6 +59,11 @@ class TextOpHandle(OpHandle):
 
 
 class TextLayer(nn.Module):
+    # Every attribute the re-written forward reads, per submodule (checked at wrap time).
+    READS = {"attention.self": ("query", "key", "value", "num_attention_heads", "attention_head_size", "dropout"),
+             "attention.output": ("dense", "dropout", "LayerNorm"),
+             "intermediate": ("dense", "intermediate_act_fn"), "output": ("dense", "dropout", "LayerNorm")}
+
     """A BERT / RoBERTa / ELECTRA encoder layer with operation slots."""
 
     def __init__(self, layer: nn.Module, slots: dict[str, Slot]) -> None:
@@ -107,6 +112,10 @@ class DebertaLayer(TextLayer):
     LoRA and the other reparam tuners act on both terms and merge exactly. Block 0 also holds the
     encoder's convolution layer when the model has one (DeBERTa-v2 xlarge), as HF applies it there.
     """
+
+    READS = {**TextLayer.READS, "attention.self": (
+        "query_proj", "key_proj", "value_proj", "num_attention_heads", "dropout", "pos_att_type", "relative_attention",
+        "pos_ebd_size", "pos_dropout", "position_buckets", "max_relative_positions", "share_att_key")}
 
     def __init__(self, layer: nn.Module, slots: dict[str, Slot], encoder: nn.Module, conv: nn.Module | None) -> None:
         super().__init__(layer, slots)

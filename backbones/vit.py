@@ -35,6 +35,7 @@ from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
+from utuning.versions import require
 
 _BLOCK_CHILDREN = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
 _OP_PLACEMENTS = frozenset({"parallel", "sequential", "unfreeze"})
@@ -106,6 +107,15 @@ class ViTBlock(nn.Module):
         return self.ls2(m.drop2(self.slots["mlp.fc2"].linear(m.norm(h), m.fc2)))
 
 
+# Every attribute the re-written forward reads (checked at wrap time: utuning.versions.require).
+MODEL_ATTRS = ("blocks", "embed_dim", "num_prefix_tokens", "num_features", "patch_embed", "cls_token", "reg_token",
+               "pos_embed", "_pos_embed", "patch_drop", "norm_pre", "norm", "fc_norm", "head", "forward_head",
+               "dynamic_img_size", "grad_checkpointing")
+PATCH_ATTRS = ("patch_size", "grid_size", "img_size", "proj", "dynamic_feat_size")
+ATTN_ATTRS = ("qkv", "num_heads", "attn_dim", "q_norm", "k_norm", "attn_drop", "scale", "norm", "proj", "proj_drop")
+MLP_ATTRS = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+
+
 def _check_block(i: int, block: nn.Module) -> None:
     where = f"blocks.{i}"
     if type(block) is not Block:
@@ -115,10 +125,13 @@ def _check_block(i: int, block: nn.Module) -> None:
         raise refuse(f"{where} has extra submodules {sorted(extra)}", "the re-written forward would skip them")
     if type(block.attn) is not Attention:
         raise refuse(f"{where}.attn is a {type(block.attn).__name__}", "only timm's `Attention` is re-written exactly")
-    if block.attn.gate is not None:
+    if getattr(block.attn, "gate", None) is not None:
         raise refuse(f"{where}.attn is gated", "gated attention is not re-written")
     if type(block.mlp) is not Mlp or not isinstance(block.mlp.fc1, nn.Linear):
         raise refuse(f"{where}.mlp is a {type(block.mlp).__name__}", "only timm's linear `Mlp` is re-written exactly")
+    require(block, _BLOCK_CHILDREN, where=where, library="timm")
+    require(block.attn, ATTN_ATTRS, where=f"{where}.attn", library="timm")
+    require(block.mlp, MLP_ATTRS, where=f"{where}.mlp", library="timm")
 
 
 def _weights_file(path: str | Path) -> str:
@@ -177,6 +190,8 @@ class ViTBackbone(Backbone):
     def __init__(self, model: VisionTransformer) -> None:
         if not isinstance(model, VisionTransformer):
             raise refuse(f"A {type(model).__name__}", "the vit backbone wraps timm VisionTransformer models")
+        require(model, MODEL_ATTRS, where="the model", library="timm")
+        require(model.patch_embed, PATCH_ATTRS, where="patch_embed", library="timm")
         for i, block in enumerate(model.blocks):
             _check_block(i, block)  # all checks before anything is modified
         super().__init__(model)

@@ -26,6 +26,11 @@ class Pending(Exception):
     """A configuration that cannot be measured yet (a part of utuning it needs is missing)."""
 
 
+class Unavailable(Exception):
+    """A reference configuration the installed reference library cannot run (e.g. PEFT's prefix
+    tuning on a transformers release it does not support): reported as skipped, with the reason."""
+
+
 @dataclass
 class Built:
     model: nn.Module
@@ -197,8 +202,17 @@ def _hf_full(job: dict) -> Built:
 def _peft_text(job: dict) -> Built:
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+    import peft
+    import transformers
+
     cls = PrefixTuningConfig if job["method"] == "peft_prefix" else PromptTuningConfig
-    model = get_peft_model(_bert(job), cls(task_type="SEQ_CLS", num_virtual_tokens=10))
+    try:
+        model = get_peft_model(_bert(job), cls(task_type="SEQ_CLS", num_virtual_tokens=10))
+        with torch.no_grad():
+            model(**{k: v[:1, :8] for k, v in _text_inputs(job).items()})
+    except (ValueError, TypeError, AttributeError) as err:
+        raise Unavailable(f"PEFT {peft.__version__} cannot run {cls.__name__} on transformers "
+                          f"{transformers.__version__}: {err}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Built(model, trainable=trainable, total=_count(model))
 

@@ -176,6 +176,10 @@ def peft_table(record: dict, pairs) -> list[str]:
             if pending and b:
                 lines.append(f"| {label} | {mode} | pending: {_reason(pending[0])} | {b['median_s']:.3f} / "
                              f"{b['peak_mib']:.0f} | | | |")
+            skipped = [r for r in rows if r["method"] == peft and r["mode"] == mode and r["status"] == "skipped"]
+            if skipped and a:
+                lines.append(f"| {label} | {mode} | {a['median_s']:.3f} / {a['peak_mib']:.0f} | skipped: "
+                             f"{_reason(skipped[0])} | | | |")
             if not (a and b):
                 continue
             t = a["median_s"] / b["median_s"] if timed else math.nan

@@ -102,7 +102,7 @@ def run_job(job: dict) -> dict:
     """Build and time one configuration in this process (the child side)."""
     import torch
 
-    from benchmarks.methods import Pending, build
+    from benchmarks.methods import Pending, Unavailable, build
 
     load_start = os.getloadavg()[0]
     torch.set_num_threads(int(job.get("threads") or os.cpu_count() or 1))
@@ -112,6 +112,8 @@ def run_job(job: dict) -> dict:
         built = build(job)
     except Pending as err:
         return {"status": "pending", "reason": str(err)}
+    except Unavailable as err:
+        return {"status": "skipped", "reason": str(err)}
     step = make_step(built, job)
     gc.collect()
     if cuda:

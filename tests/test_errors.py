@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 import pytest
 import torch
@@ -144,11 +145,12 @@ def test_refused_block_variants(kwargs, match):
 def test_refused_gated_attention_and_extra_submodules():
     from timm.layers.attention import Attention
 
-    gated = functools.partial(Attention, gated=True)
-    model = tiny_vit()
-    model.blocks[1].attn = gated(32, num_heads=2, qkv_bias=True)
-    with pytest.raises(utuning.UnsupportedModelError, match=r"blocks.1.attn is gated"):
-        utuning.wrap(model)
+    if "gated" in inspect.signature(Attention).parameters:  # timm >= 1.0.28
+        gated = functools.partial(Attention, gated=True)
+        model = tiny_vit()
+        model.blocks[1].attn = gated(32, num_heads=2, qkv_bias=True)
+        with pytest.raises(utuning.UnsupportedModelError, match=r"blocks.1.attn is gated"):
+            utuning.wrap(model)
     model = tiny_vit()
     model.blocks[0].extra = nn.Linear(2, 2)
     with pytest.raises(utuning.UnsupportedModelError, match=r"blocks.0 has extra submodules \['extra'\]"):
@@ -188,3 +190,13 @@ def test_layer_range_partly_out_of_bounds_is_refused():
     assert backbone.match("blocks.{0..1}.attn") == ["blocks.0.attn", "blocks.1.attn"]
     with pytest.raises(SiteError, match=r"asks for 'blocks.2.attn'.*Closest sites"):
         backbone.match("blocks.{0..11}.attn")
+
+
+def test_a_library_release_without_an_attribute_is_refused_by_name():
+    """A timm release whose Attention lacks an attribute the re-written forward reads is refused at
+    wrap time, naming the attribute and the tested release (utuning.versions)."""
+    model = tiny_vit()
+    del model.blocks[1].attn.attn_dim  # as in timm < 1.0.23
+    with pytest.raises(utuning.UnsupportedModelError, match=r"blocks.1.attn \(Attention\) has no attribute\(s\) "
+                       r"\['attn_dim'\].*tested with timm 1.0.31"):
+        utuning.wrap(model)
