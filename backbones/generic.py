@@ -267,6 +267,21 @@ def _as_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
                       f"not a {type(example_inputs).__name__}")
 
 
+def _import_callable(path: str) -> Any:
+    """``"package.module.function"`` or ``"package.module:function"``."""
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        found = importlib.import_module(module_name)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"backbone.model={path!r} is not an importable callable "
+                          f"('package.module.function' or 'package.module:function'): {e}") from e
+    build = getattr(found, attr, None)
+    if not callable(build):
+        names = [n for n in dir(found) if not n.startswith("_")]
+        raise UnknownNameError(f"{module_name} has no callable {attr!r}. Did you mean {closest(attr, names)}?")
+    return build
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
@@ -312,33 +327,18 @@ class GenericBackbone(Backbone):
         ``pretrained``: False or a local state-dict file. The dry run uses random inputs of shape
         ``(2, *input_shape)`` (default ``(2, 3, img_size, img_size)``; ``input_dtype: int64`` for
         token ids, drawn from 0 and 1). Batches call the model with ``batch[input_key]`` as its input."""
-        module_name, _, attr = model.partition(":") if ":" in model else model.rpartition(".")
-        try:
-            found = importlib.import_module(module_name)
-        except (ImportError, ValueError) as e:
-            raise ConfigError(f"backbone.model={model!r} is not an importable callable "
-                              f"('package.module.function' or 'package.module:function'): {e}") from e
-        build = getattr(found, attr, None)
-        if not callable(build):
-            names = [n for n in dir(found) if not n.startswith("_")]
-            raise UnknownNameError(f"{module_name} has no callable {attr!r}. Did you mean {closest(attr, names)}?")
-        if num_classes is not None:
-            model_kwargs["num_classes"] = num_classes
-        net = build(**model_kwargs)
         if pretrained is True:
             raise ConfigError("The generic adapter loads weights from a local file (pretrained: path/to/weights.pt), "
                               "or through the model's own arguments (backbone.args)")
+        if input_shape is None and img_size is None:
+            raise ConfigError("The generic adapter needs backbone.args.input_shape (one sample's shape) or img_size")
+        if input_dtype not in ("float32", "int64"):
+            raise ConfigError(f"input_dtype={input_dtype!r} is not one of ['float32', 'int64']")
+        net = _import_callable(model)(**model_kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
         if pretrained:
             net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
-        if input_shape is None:
-            if img_size is None:
-                raise ConfigError("The generic adapter needs backbone.args.input_shape (one sample's shape) or img_size")
-            input_shape = (3, img_size, img_size)
-        dtypes = {"float32": torch.float32, "int64": torch.int64}
-        if input_dtype not in dtypes:
-            raise ConfigError(f"input_dtype={input_dtype!r} is not one of {list(dtypes)}")
-        dtype = dtypes[input_dtype]
-        sample = torch.randn(2, *input_shape) if dtype.is_floating_point else torch.randint(0, 2, (2, *input_shape))
+        shape = (2, *(input_shape or (3, img_size, img_size)))
+        sample = torch.randn(shape) if input_dtype == "float32" else torch.randint(0, 2, shape)
         return cls(net, example_inputs={input_key: sample}, sequence_first=sequence_first, input_key=input_key)
 
     def __init__(self, model: nn.Module, *, example_inputs: Any = None, sequence_first: bool = False,
@@ -445,6 +445,9 @@ class GenericBackbone(Backbone):
             found = dict(self.recorder.found)
         finally:
             self.recorder.layers, self.recorder.found = None, {}
+        absent = sorted(set(layers) - set(found))
+        if absent:
+            raise ConfigError(f"The forward did not run the block sites of layers {absent} (it did in the dry run)")
         final = found[max(layers)]
         return Features(found, final, final.mean(1), None, {"prefix_tokens": 0})
 

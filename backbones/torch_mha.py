@@ -14,7 +14,11 @@ its frozen operations through slots (U-Tuning, arXiv 2303.00690)::
 It reproduces ``nn.MultiheadAttention.forward`` (batch-first or not, unbatched inputs, boolean
 or additive ``attn_mask`` / ``key_padding_mask``, ``bias_k``/``bias_v``, ``add_zero_attn``,
 ``need_weights``); the tests hold both equal. With learned prefixes and ``need_weights`` the
-returned weights cover the prefix keys first, then the frozen keys.
+returned weights cover the prefix keys first, then the frozen keys. Run the model through its
+backbone (``GenericBackbone.forward`` turns PyTorch's fused encoder-layer path off): called
+directly in eval mode without gradients, ``nn.TransformerEncoderLayer`` would take that path,
+which does not call this module, and fails on its missing ``merge_masks`` instead of silently
+skipping the tuners.
 """
 
 from __future__ import annotations
@@ -39,23 +43,29 @@ _PROJ = {"q": 0, "k": 1, "v": 2}
 
 class Projection:
     """A frozen input projection of an ``nn.MultiheadAttention`` seen as a linear layer (``weight``,
-    ``bias``, callable): the fused ``in_proj`` (3·E, E) or one of ``q/k/v_proj``. Plain object, read
-    from the module at each use, so merging tuners write into the module's own parameters."""
+    ``bias``, callable): the fused ``in_proj`` (3·E, E) (``part=None``) or the q, k or v part. Plain
+    object, read from the module at each use, so merging tuners write into its own parameters."""
 
     def __init__(self, mha: TunedMultiheadAttention, part: str | None) -> None:
         self.mha, self.part = mha, part
 
+    def _rows(self, t: Tensor | None) -> Tensor | None:
+        """The rows of the fused (3·E, ...) tensor ``t`` that compute ``part``: a view, so writing into
+        it writes into the module's parameter."""
+        if t is None or self.part is None:
+            return t
+        e, i = self.mha.embed_dim, _PROJ[self.part]
+        return t[i * e:(i + 1) * e]
+
     @property
     def weight(self) -> Tensor:
-        return self.mha.in_proj_weight if self.part is None else getattr(self.mha, f"{self.part}_proj_weight")
+        if self.part is None or self.mha._qkv_same_embed_dim:
+            return self._rows(self.mha.in_proj_weight)
+        return getattr(self.mha, f"{self.part}_proj_weight")
 
     @property
     def bias(self) -> Tensor | None:
-        b, e = self.mha.in_proj_bias, self.mha.embed_dim
-        if b is None or self.part is None:
-            return b
-        i = _PROJ[self.part]
-        return b[i * e:(i + 1) * e]  # a view: merging into it writes into in_proj_bias
+        return self._rows(self.mha.in_proj_bias)
 
     @weight.setter
     def weight(self, value: Tensor) -> None:  # ``layer.weight += delta`` (in place) assigns it back
@@ -141,13 +151,8 @@ class TunedMultiheadAttention(nn.Module):
         self.training = mha.training
         self.slots: dict[str, Slot] = {}  # plain dict: the slots are registered in the backbone adapter
 
-    def projection(self, part: str) -> Any:
+    def projection(self, part: str) -> Projection:
         """The frozen projection computing ``part`` (q, k or v), without tuners."""
-        if self._qkv_same_embed_dim:
-            e, i = self.embed_dim, _PROJ[part]
-            fused = Projection(self, None)
-            return lambda x: F.linear(x, fused.weight[i * e:(i + 1) * e],
-                                      None if fused.bias is None else fused.bias[i * e:(i + 1) * e])
         return Projection(self, part)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool) -> tuple[Tensor, ...]:
