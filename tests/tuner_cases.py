@@ -73,6 +73,16 @@ CASES = [
     _case("lst", [("lst", "blocks.*", {"num_classes": 10, "reduction": 4})], True),
     _case("loreft", [("loreft", "blocks.*", {"rank": 2, "first": 1, "last": 2})], False),
     _case("adaption_prompt", [("adaption_prompt", "blocks.*.attn", {"tokens": 3})], True),
+    # Composability: reparam tuners that transform the input and ones that read it on one layer
+    # (merge folds the input transforms first), and issue 14's methods mixed across placements.
+    _case("reparam-mix-fc2", [("lora", "blocks.*.mlp.fc2", {"rank": 2}), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}),
+                              ("rep_adapter", "blocks.*.mlp.fc2", {}), ("ssf", "blocks.*.mlp.fc2", {"init_std": 0.0})],
+          True),
+    _case("issue14-mix", [("vera", "blocks.*.attn.qkv", {"rank": 4}), ("fact", "blocks.*.mlp.fc1", {"rank": 4, "form": "tk"}),
+                          ("glora", "blocks.*.attn.proj", {"d": "none"}), ("rep_adapter", "blocks.*.attn.qkv", {}),
+                          ("adapter_plus", "blocks.*.mlp", {"drop_path": 0.0, "init": "zero"}),
+                          ("adaption_prompt", "blocks.*.attn", {"tokens": 2}), ("loreft", "blocks.1", {"rank": 2})],
+          False),
     _case("bypass", [("bypass", "blocks.*", {"num_classes": 10, "hidden": 4})], True),
     _case("ytuning", [("ytuning", "blocks.*", {"num_labels": 10, "hidden": 16, "heads": 2})], False),
     # Added by other helpers of issue 14; their own tests check each method in depth.
@@ -101,4 +111,6 @@ for kind, at in OP_SITES.items():
 #: a name here is a method the shared checks do not see.
 EXEMPT: dict[str, str] = {
     "conv_lora": "attaches to convolution sites (ConvNeXt-like backbones); the ViT table has none",
+    "embedding_lora": "reparam on embedding-table sites (text/decoder backbones); the ViT's embed site offers no "
+                      "reparam placement",
 }

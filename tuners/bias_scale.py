@@ -143,6 +143,7 @@ class IA3(Tuner):
     def __init__(self, site: SiteSpec, *, feedforward: bool = False, parts: Sequence[str] | None = None) -> None:
         super().__init__(site)
         self.feedforward = bool(feedforward)
+        self.transforms_input = self.feedforward
         split = site.info.get("split", 1)
         if parts is None:
             index = list(range(split))

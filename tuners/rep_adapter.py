@@ -26,12 +26,13 @@ class RepAdapter(Tuner):
     (``(I + sBA)^-1 = I − s B (I_r + s A B)^-1 A``, in float64). Paper defaults: ``hidden=8``,
     ``groups=2``, ``scale=1``, dropout 0.1 after ``A``; ``A`` Xavier-uniform, ``B`` and the
     biases zero (identity at init). On a site that also holds LoRA-like tuners, those read the
-    original input ``x``.
+    original input ``x``; ``TunedModel.merge`` folds RepAdapter first, so merging stays exact.
     """
 
     placement = "reparam"
     site_kinds = frozenset({"linear"})
     paper = "https://arxiv.org/abs/2302.08106"
+    transforms_input = True
 
     def __init__(self, site: SiteSpec, *, hidden: int = 8, groups: int = 2, scale: float = 1.0,
                  dropout: float = 0.1) -> None:

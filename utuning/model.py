@@ -214,7 +214,7 @@ class TunedModel(nn.Module):
         """Fold every reparam tuner (LoRA, SSF, BitFit) into its frozen linear layer. All or
         nothing: a tuner class without ``merge`` fails before any weight changes, and if a merge
         fails midway (e.g. no bias to merge into), the ones merged before it are unmerged again."""
-        todo = [a for a in self._attached if a.tuner.placement == "reparam" and not a.tuner.merged]
+        todo = _merge_order([a for a in self._attached if a.tuner.placement == "reparam" and not a.tuner.merged])
         for a in todo:
             if type(a.tuner).merge is Tuner.merge:
                 a.tuner.merge(a.handle)  # raises the tuner's "cannot be merged" error
@@ -231,7 +231,7 @@ class TunedModel(nn.Module):
             raise
 
     def unmerge(self) -> None:
-        for a in reversed(self._attached):
+        for a in reversed(_merge_order(self._attached)):
             if a.tuner.placement == "reparam" and a.tuner.merged:
                 a.tuner.unmerge(a.handle)
                 a.tuner.merged = False
@@ -311,6 +311,14 @@ class TunedModel(nn.Module):
             lines.append(f"{r['site']:<{w}}  {r['tuner']:<{t}}  {r['placement']:<10}  {r['parameters']:>12,}  {r['share']:>8.4%}")
         lines.append(f"tunable {tunable:,} of {total:,} parameters ({tunable / max(total, 1):.4%}, {_millions(tunable)})")
         return "\n".join(lines)
+
+
+def _merge_order(attached: list[Attached]) -> list[Attached]:
+    """The order reparam tuners fold into their layers so that the merged layer computes what the
+    unmerged one did: tuners that transform the layer's input (``Tuner.transforms_input``) first,
+    the one applied last (nearest the layer) first; then the others in attach order, which is the
+    order they act on the layer's output and which reads the original input."""
+    return [a for a in reversed(attached) if a.tuner.transforms_input] + [a for a in attached if not a.tuner.transforms_input]
 
 
 def _millions(n: int) -> str:

@@ -56,6 +56,9 @@ class Tuner(nn.Module):
     decomposed: bool = False
     # reparam tuners: folded into the frozen layer by ``merge``.
     merged: bool = False
+    # reparam tuners: whether ``reparam_input`` changes the layer's input (RepAdapter, IA3 on
+    # feed-forward inputs); ``TunedModel.merge`` folds those first (see ``model._merge_order``).
+    transforms_input: bool = False
 
     def __init__(self, site: SiteSpec) -> None:
         super().__init__()
