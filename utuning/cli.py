@@ -236,7 +236,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan(sweep))
         return 0
-    result = run_sweep(sweep, jobs=args.jobs, worker=args.worker)
+    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
+    result = run_sweep(sweep, jobs=args.jobs, worker=args.worker, gpus=gpus)
     for chosen in result["selection"]:
         if chosen.get("params"):
             print(f"{chosen['method']} on {chosen['data']}: chose {chosen['params']} (search value {chosen['value']:.4f})")
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true",
                    help="one of several processes sharing the sweep's storage (cluster, SLURM array): trials of "
                    "dead workers are retried after Optuna's heartbeat grace period, not at start")
+    p.add_argument("--gpus", metavar="IDS", help="e.g. 0,1,2,3: job slot i trains on GPU i mod 4 (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--dry-run", action="store_true", help="print the studies and runs, run nothing")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override of every run (repeatable)")
     p.set_defaults(func=cmd_sweep)

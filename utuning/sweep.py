@@ -21,9 +21,10 @@ import fcntl
 import hashlib
 import itertools
 import json
+import os
+import queue
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,8 +65,6 @@ def _metric(summary: Mapping[str, Any], metric: str | None, value: str) -> float
 def train_child(folder: str, log: str, argv: Sequence[str]) -> int:
     """Every run's process: take the folder's lock (held until the run ends, even if the sweep that
     started it is killed), skip a run another process finished meanwhile, else ``utuning train``."""
-    import os
-
     with open(Path(folder) / ".sweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = Path(folder) / "summary.json"
@@ -81,35 +80,41 @@ def train_child(folder: str, log: str, argv: Sequence[str]) -> int:
         return cli.main(["train", *argv])
 
 
-def _forked(folder: str, log: str, argv: Sequence[str]) -> None:
+def _forked(folder: str, log: str, argv: Sequence[str], device: str | None) -> None:
+    if device is not None:  # before anything initialises CUDA in this child
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
     sys.exit(train_child(folder, log, argv))
 
 
 class Runner:
     """Launches the runs, at most ``jobs`` at once. ``launcher="fork"``: children of a fork server
     that imported utuning once (a run starts in milliseconds, not seconds); ``"process"``: a fresh
-    ``python -m utuning.sweep`` interpreter per run."""
+    ``python -m utuning.sweep`` interpreter per run. ``gpus``: slot i of ``jobs`` runs its runs
+    with ``CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)]``."""
 
-    def __init__(self, sweep: Sweep, jobs: int, launcher: str = "fork") -> None:
+    def __init__(self, sweep: Sweep, jobs: int, launcher: str = "fork", gpus: Sequence[str] = ()) -> None:
         if launcher not in LAUNCHERS:
             raise ConfigError(f"launcher={launcher!r} is not one of {list(LAUNCHERS)}")
         self.sweep = sweep
         self.launcher = launcher
-        self.slots = threading.BoundedSemaphore(max(1, jobs))
+        self.slots: queue.Queue = queue.Queue()
+        for i in range(max(1, jobs)):
+            self.slots.put(str(gpus[i % len(gpus)]) if gpus else None)
         self.failed: list[str] = []
         self._context = None
 
-    def _start(self, folder: Path, argv: list[str]) -> int:
+    def _start(self, folder: Path, argv: list[str], device: str | None) -> int:
         log = str(folder / "sweep.log")
         if self.launcher == "process":
             command = [sys.executable, "-m", "utuning.sweep", str(folder), log, *argv]
-            return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+            return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode
         import multiprocessing
 
         if self._context is None:
             self._context = multiprocessing.get_context("forkserver")
             self._context.set_forkserver_preload(["utuning.cli", "utuning.engine"])
-        process = self._context.Process(target=_forked, args=(str(folder), log, argv), daemon=False)
+        process = self._context.Process(target=_forked, args=(str(folder), log, argv, device), daemon=False)
         process.start()
         process.join()
         return process.exitcode
@@ -129,9 +134,13 @@ class Runner:
         if summary is None:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "sweep.json").write_text(json.dumps(identity, indent=2))
-            with self.slots:
-                plugins = [arg for item in s.imports for arg in ("--import", item)]
-                code = self._start(folder, [recipe, *overrides, "--resume", *plugins, *(["--tiny"] if s.tiny else [])])
+            plugins = [arg for item in s.imports for arg in ("--import", item)]
+            device = self.slots.get()  # waits for a free slot
+            try:
+                code = self._start(folder, [recipe, *overrides, "--resume", *plugins, *(["--tiny"] if s.tiny else [])],
+                                   device)
+            finally:
+                self.slots.put(device)
             summary = self._finished(folder, identity)
         status = None if summary is None else summary.get("status", "finished")
         if status != "finished":  # a diverged run is a result too: it is not run again
@@ -252,12 +261,12 @@ def search(sweep: Sweep, runner: Runner, method: Method, data: str | None, *, jo
 
 
 # The sweep --------------------------------------------------------------------------------------
-def run_sweep(sweep: Sweep, *, jobs: int = 1, worker: bool = False) -> dict[str, Any]:
+def run_sweep(sweep: Sweep, *, jobs: int = 1, worker: bool = False, gpus: Sequence[str] = ()) -> dict[str, Any]:
     """Search (if any), then the final runs of every method and data set over the seeds; writes
     ``<out>/selection.json`` and the paper tables ``<out>/table.md`` / ``table.csv``."""
     from utuning.report import aggregate, format_csv, format_markdown, paper_tables, read_run
 
-    runner = Runner(sweep, jobs, sweep.launcher)
+    runner = Runner(sweep, jobs, sweep.launcher, gpus)
     sweep.out.mkdir(parents=True, exist_ok=True)
 
     def pipeline(pair: tuple[Method, str | None]) -> tuple[str, list[Path]]:
