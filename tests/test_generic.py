@@ -238,6 +238,14 @@ def test_every_registered_tuner(name):
     assert_state_round_trip(make, inputs)
     site = specs[0][1]
     assert all(k.startswith((f"{site}.", "side.", "shared.")) for k in tuned.tuner_state_dict())
+    # Every tuner parameter is moved by a classification loss (float64: only rounding is zero), as on ViT.
+    wide = make().double().train()
+    randomize_tuners(wide, std=0.2)
+    logits = call(wide, {"x": ZOO_INPUT.double()})
+    torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]) % logits.shape[1]).backward()
+    grads = {n: 0.0 if p.grad is None else p.grad.abs().max().item() for n, p in wide.named_trainable_parameters()}
+    dead = [n for n, g in grads.items() if not g > 1e-6 * max(grads.values())]
+    assert not dead, dead
     if utuning.TUNERS.get(name).placement == "reparam" and utuning.TUNERS.get(name).merge is not Tuner.merge:
         tuned.eval()
         with torch.no_grad():
