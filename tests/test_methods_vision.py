@@ -140,3 +140,25 @@ def test_lst_trains_without_backbone_gradients_and_runs_on_cached_features():
     # Side width 8 of 32: what autograd keeps is far below a tuner inside the backbone.
     inside = saved_bytes(utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("lora", LINEARS, {"rank": 1})]), IMAGES)
     assert kept < inside
+
+
+def test_lst_gates_mix_the_ladder_as_the_paper_writes():
+    """LST (arXiv 2206.06522, Sec. 3): the side input at block k is ``μ_k·down_k(f_k) +
+    (1 − μ_k)·s_{k−1}``, ``μ_k = sigmoid(α_k / τ)``. A gate at one passes only the backbone feature
+    (the side state below is cut off); a gate at zero passes only the side state (the block's
+    feature is ignored)."""
+    tuned = utuning.tune(utuning.wrap(tiny_vit()), [("lst", "blocks.*", {"num_classes": 10, "reduction": 4})]).eval()
+    randomize_tuners(tuned, std=0.2)
+    lst = tuned.side["lst"]
+    with torch.no_grad():
+        feats = tuned.backbone.intermediates(**IMAGES, layers=[0, 1])
+        moved0 = copy.copy(feats)
+        moved0.layers = {0: feats.layers[0] + torch.randn_like(feats.layers[0]), 1: feats.layers[1]}
+        moved1 = copy.copy(feats)
+        moved1.layers = {0: feats.layers[0], 1: feats.layers[1] + torch.randn_like(feats.layers[1])}
+        lst.alpha[1] = 50.0  # μ_2 = 1: block 1's feature only
+        torch.testing.assert_close(tuned(features=moved0), tuned(features=feats))
+        assert not torch.allclose(tuned(features=moved1), tuned(features=feats))
+        lst.alpha[1] = -50.0  # μ_2 = 0: the side state only
+        torch.testing.assert_close(tuned(features=moved1), tuned(features=feats))
+        assert not torch.allclose(tuned(features=moved0), tuned(features=feats))
