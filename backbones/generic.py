@@ -31,174 +31,45 @@ tokens (``sequence_first=True`` for (N, B, D) models: side tuners then read them
 tokens (B, H·W, C), and on a block that shrinks the map (a stride-2 residual block) a parallel
 tuner reads its input average-pooled to the output's size.
 
-**Mechanism.** A site module is replaced in its parent by a ``SiteModule`` that *shares* the
-module's own parameter, buffer and child tables (the same dict objects) and holds the module
-itself, unregistered, to call it: state-dict keys, ``named_parameters``, ``.to()`` and
-``load_state_dict`` see exactly the original tensors; no class is swapped, no forward replaced,
-no hook left behind. ``nn.MultiheadAttention`` is re-written by ``TunedMultiheadAttention``.
-Because PyTorch's fused inference path of ``nn.TransformerEncoderLayer`` would skip the slots,
-the adapter runs the model with ``torch.backends.mha`` fast path off.
+**Mechanism** (``generic_sites.py``): a site module is replaced in its parent by a
+``SiteModule`` that shares the module's own parameter, buffer and child tables, so the frozen
+state (keys, tensors, flags) is exactly the original's; no class is swapped, no forward replaced,
+no hook left behind. ``nn.MultiheadAttention`` is re-written by ``TunedMultiheadAttention``
+(``torch_mha.py``). Because PyTorch's fused inference path of ``nn.TransformerEncoderLayer``
+would skip the slots, the adapter runs the model with the ``torch.backends.mha`` fast path off.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utuning.backbone import Backbone, Features, refuse
+from utuning.backbones.generic_sites import (
+    CONTAINERS,
+    ModuleHandle,
+    Recorder,
+    SiteContainer,
+    SiteModule,
+    feature_width,
+    fused_attention_off,
+)
 from utuning.backbones.torch_mha import add_attention_sites
 from utuning.errors import ConfigError, UnknownNameError, UnsupportedModelError, closest
 from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
-from utuning.slot import Slot
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm, nn.LocalResponseNorm)
 NOT_ATTENTION = ("the generic adapter does not know where this module's attention is; prompt and prefix "
                  "tuning need a backbone adapter for the model (or an nn.MultiheadAttention site)")
 NO_EXAMPLE = ("the widths of a module's input and output come from a dry run: wrap with "
               "example_inputs=... (a tensor, a tuple of arguments or a dict of keyword arguments)")
-
-
-@contextmanager
-def fused_attention_off() -> Iterator[None]:
-    """PyTorch's fused inference path of ``nn.TransformerEncoderLayer`` / ``MultiheadAttention``
-    computes the whole layer in one kernel, skipping the submodules (and the slots) inside it."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
-
-
-def to_tokens(t: Tensor) -> Tensor:
-    """(B, D) -> (B, 1, D); (B, N, D) unchanged; (B, C, *spatial) -> (B, prod(spatial), C)."""
-    if t.dim() == 2:
-        return t[:, None]
-    return t if t.dim() == 3 else t.flatten(2).transpose(1, 2)
-
-
-def from_tokens(tokens: Tensor, like: Tensor) -> Tensor:
-    """Inverse of ``to_tokens`` for a tensor shaped like ``like``."""
-    if like.dim() == 2:
-        return tokens[:, 0]
-    return tokens if like.dim() == 3 else tokens.transpose(1, 2).reshape(like.shape)
-
-
-def _features(t: Tensor) -> int:
-    return t.shape[1] if t.dim() >= 4 else t.shape[-1]
-
-
-@dataclass
-class Recorder:
-    """Outputs of chosen block sites during one ``intermediates`` call (None outside it)."""
-
-    layers: frozenset[int] | None = None
-    found: dict[int, Tensor] = field(default_factory=dict)
-    sequence_first: bool = False
-
-    def note(self, layer: int | None, y: Tensor) -> None:
-        if self.layers is not None and layer in self.layers:
-            y = y.transpose(0, 1) if self.sequence_first and y.dim() == 3 else y
-            self.found[layer] = to_tokens(y)  # (B, N, D)
-
-
-class ModuleHandle(OpHandle):
-    """Handle of a module site: the frozen module; its parameters keep their own names."""
-
-    def __init__(self, site: str, module: nn.Module) -> None:
-        super().__init__(site, {"": module})
-        self.module = module
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        yield from self.module.named_parameters()
-
-
-class SiteModule(nn.Module):
-    """A frozen module seen through its site's slot (see the module docstring: it shares the
-    module's parameter, buffer and child tables, so nothing about the frozen state changes)."""
-
-    def __init__(self, module: nn.Module, slot: Slot, recorder: Recorder, layer: int | None) -> None:
-        super().__init__()
-        for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
-            self.__dict__[table] = module.__dict__[table]
-        self.__dict__["op"] = module  # unregistered: its tensors are reached through the shared tables
-        self.__dict__["slot"] = slot  # registered once, in the backbone adapter
-        self.__dict__["recorder"] = recorder
-        self.layer = layer
-        self.training = module.training
-        self._version = getattr(module, "_version", 1)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        slot = self.slot
-        if slot.of("reparam"):
-            return slot.linear(args[0], self.op)  # linear / conv sites: one input
-        y = self.op(*args, **kwargs)
-        if slot.of("parallel") or slot.of("sequential"):
-            y = self._around(args[0], y)
-        if isinstance(y, Tensor):
-            self.recorder.note(self.layer, y)
-        return y
-
-    def _around(self, x: Tensor, y: Tensor) -> Tensor:
-        """``OP(x) + U(x)`` / ``+ U(OP(x))`` on tokens: maps as (B, H·W, C), the input pooled to
-        the output's spatial size."""
-        if not isinstance(y, Tensor) or y.dim() != x.dim():
-            raise UnsupportedModelError(f"Site {self.slot.spec.name!r} returned {type(y).__name__} for a "
-                                        f"{tuple(x.shape)} input, unlike in the dry run; its tuners need one tensor")
-        if x.dim() >= 4 and x.shape[2:] != y.shape[2:]:
-            x = F.adaptive_avg_pool3d(x, y.shape[2:]) if x.dim() == 5 else F.adaptive_avg_pool2d(x, y.shape[2:])
-        y_tokens = to_tokens(y)
-        return from_tokens(self.slot.apply(to_tokens(x), lambda _x, _m: y_tokens), like=y)
-
-    def train(self, mode: bool = True) -> SiteModule:
-        super().train(mode)
-        self.op.training = mode  # the module reads its own flag (dropout, batch norm)
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)  # the module's parameters, buffers and children
-        except AttributeError:
-            op = self.__dict__.get("op")
-            if op is None:
-                raise
-            return getattr(op, name)  # its other attributes (out_channels, batch_first...)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
-        self.op._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        self.op._load_from_state_dict(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"site={self.slot.spec.name!r}, op={type(self.op).__name__}: {self.op.extra_repr()}"
-
-
-class SiteContainer(SiteModule):
-    """A ``SiteModule`` for ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict``: indexing,
-    iteration and ``len`` reach the container (and so its children, themselves site modules)."""
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.op[index]
-
-    def __len__(self) -> int:
-        return len(self.op)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.op)
-
-
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _call_shape(args: tuple, kwargs: dict, out: Any) -> dict[str, Any] | str:
@@ -212,7 +83,7 @@ def _call_shape(args: tuple, kwargs: dict, out: Any) -> dict[str, Any] | str:
         return f"it maps {tuple(x.shape)} to {tuple(out.shape)}: not the same batch of features, tokens or maps"
     if x.dim() == 3 and x.shape[:2] != out.shape[:2]:
         return f"it maps {tuple(x.shape)} tokens to {tuple(out.shape)}: a different number of tokens"
-    return {"dim": _features(x), "out_dim": _features(out), "layout": "map" if x.dim() >= 4 else "tokens",
+    return {"dim": feature_width(x), "out_dim": feature_width(out), "layout": "map" if x.dim() >= 4 else "tokens",
             "in_shape": tuple(x.shape), "out_shape": tuple(out.shape)}
 
 

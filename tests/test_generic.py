@@ -14,7 +14,7 @@ from torch import nn
 
 import utuning
 from tests.helpers import assert_only_tuner_grads, assert_state_round_trip, call, randomize_tuners
-from utuning.backbones.generic import SiteModule
+from utuning.backbones.generic_sites import SiteModule
 from utuning.tuner import Tuner
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
