@@ -129,3 +129,29 @@ def test_shared_state_and_scale_shift_compile_in_one_graph():
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     for n, g in grads_e.items():
         torch.testing.assert_close(grads_c[n], g, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_vera_equals_peft_vera_on_a_tiny_bert():
+    from tests.text_helpers import padded_inputs, tiny_text_model
+
+    hf = tiny_text_model("bert")
+    peft_model = get_peft_model(copy.deepcopy(hf), VeraConfig(r=8, target_modules=["query", "value", "dense"],
+                                                              projection_prng_key=0)).eval()
+    at = ["blocks.*.attn.q", "blocks.*.attn.v", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"]
+    ours = utuning.tune(utuning.wrap(copy.deepcopy(hf)), [("vera", at, {"rank": 8})]).eval()
+    randomize_tuners(ours, std=0.3)
+    names = {"attn.q": "attention.self.query", "attn.v": "attention.self.value", "attn.proj": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    state = {}
+    for k, v in ours.tuner_state_dict().items():
+        if not k.startswith("shared."):
+            site, param = k.rsplit(".vera.", 1)
+            _, i, part = site.split(".", 2)
+            state[f"base_model.model.bert.encoder.layer.{i}.{names[part]}.vera_{param}.default"] = v
+    result = peft_model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "vera_lambda" in k and "pooler" not in k]
+    inputs = padded_inputs(ours.backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(call(ours, inputs), peft_model(**inputs).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(call(ours, inputs), hf(**inputs).logits, atol=1e-3)  # the tuner does act
