@@ -17,7 +17,8 @@ tokens: ViT/DINOv2 ``layernorm``, CLIP/SigLIP ``post_layernorm``) and ``head``.
 
 Pooling and head, as HF computes them: the pooled features are the normed class token (ViT, DINOv2,
 CLIP: HF's ``pooler_output`` of CLIP is exactly this) or, for SigLIP (no class token), its
-attention-pooling head over the normed tokens (its ``pooler_output``). The ``head`` operation is the
+attention-pooling head over the normed tokens (its ``pooler_output``; without that head, the mean of the
+normed tokens). The ``head`` operation is the
 classifier of ``ViTForImageClassification``, ViT's optional pooler (dense + tanh), and the identity
 otherwise (a base model returns its pooled features; attach ``linear_probe`` with ``num_classes``).
 Side tuners read ``intermediates`` from this adapter's own layer loop (HF records hidden states by

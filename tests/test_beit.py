@@ -11,7 +11,7 @@ from torch import nn
 
 import utuning
 from tests.helpers import call, one_thread, randomize_tuners  # noqa: F401 (one_thread: fixture)
-from tests.test_eva import GAPS, ZOO, check_zoo_tuner, images, perturb
+from tests.test_eva import GAPS, ZOO, check_zoo_composition, check_zoo_tuner, images, perturb
 from utuning.backbones.beit import BeitBackbone, attend_with_bias, pad_bias
 from utuning.errors import UnsupportedModelError
 
@@ -56,6 +56,12 @@ def test_zoo(name, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason=GAPS[name]))
     ref = tiny_beit("beit")
     check_zoo_tuner(name, lambda: utuning.wrap(copy.deepcopy(ref)), lambda i: ref(i["pixel_values"]), images(ref))
+
+
+@pytest.mark.parametrize("name", sorted(utuning.COMPOSITIONS))
+def test_compositions(name):
+    ref = tiny_beit("beit_shared")
+    check_zoo_composition(name, lambda: utuning.wrap(copy.deepcopy(ref)), lambda i: ref(i["pixel_values"]), images(ref))
 
 
 def test_pad_bias_puts_zeros_for_inserted_tokens():

@@ -121,6 +121,20 @@ def check_zoo_tuner(name: str, make_backbone: Callable[[], utuning.Backbone],
             torch.testing.assert_close(call(tuned, inputs), after, atol=atol, rtol=1e-4)
 
 
+def check_zoo_composition(name: str, make_backbone: Callable[[], utuning.Backbone],
+                          reference: Callable[[dict], torch.Tensor], inputs: dict) -> None:
+    """A registered composition (Dual-U-Tuner, VPT-deep...) at its default sites: it expands to tuners
+    that start as the identity (unless one of them is in ``CHANGING``) and train only themselves."""
+    at = inspect.signature(utuning.COMPOSITIONS.get(name)).parameters["at"].default
+    tuned = utuning.tune(make_backbone(), [(name, at)]).eval()
+    tuners = {a.tuner.name for a in tuned.attached()}
+    if not tuners & CHANGING:
+        with torch.no_grad():
+            torch.testing.assert_close(call(tuned, inputs), reference(inputs), atol=1e-5, rtol=0)
+    randomize_tuners(tuned, std=0.2)
+    assert_only_tuner_grads(tuned, inputs)
+
+
 def check_feature_cache(tuned: utuning.TunedModel, pixel_values: torch.Tensor, root) -> None:
     """Side tuners on cached features (built once, then hit) give the live outputs."""
     data = [(pixel_values[i], i % 3) for i in range(len(pixel_values))]
@@ -213,6 +227,12 @@ def test_zoo(config, name, request):
                     refusals=ODD_WIDTH if config == "eva02" else {})
 
 
+@pytest.mark.parametrize("name", sorted(utuning.COMPOSITIONS))
+def test_compositions(name):
+    ref = tiny_eva("eva02_swiglu_reg")
+    check_zoo_composition(name, lambda: utuning.wrap(copy.deepcopy(ref)), lambda i: ref(i["pixel_values"]), images(ref))
+
+
 def _float64(config: str, specs: list) -> utuning.TunedModel:
     return utuning.tune(utuning.wrap(tiny_eva(config).double()), specs).double().eval()
 
@@ -270,6 +290,13 @@ def test_refusals_name_the_part_and_reason():
                                       num_heads=2, img_size=28, patch_size=7, use_post_norm=True))
     with pytest.raises(UnsupportedModelError, match="qkv_fused=False"):
         EvaBackbone(tiny_eva("eva02", qkv_fused=False))
+    # A layer lacking an attribute the re-written forward reads (as after a library change): refused by
+    # name before any block is re-written.
+    changed = tiny_eva("eva02")
+    del changed.blocks[1].attn.q_norm
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.1\.attn.*lacks \['q_norm'\]"):
+        EvaBackbone(changed)
+    assert type(changed.blocks[0]).__name__ == "EvaBlock"
 
 
 def test_split_qkv_bias_stays_outside_the_qkv_site():

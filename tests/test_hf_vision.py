@@ -12,7 +12,7 @@ from torch import nn
 
 import utuning
 from tests.helpers import call, one_thread, randomize_tuners  # noqa: F401 (one_thread: fixture)
-from tests.test_eva import ZOO, check_feature_cache, check_zoo_tuner
+from tests.test_eva import ZOO, check_feature_cache, check_zoo_composition, check_zoo_tuner
 from utuning.backbones.hf_vision import HFVisionBackbone
 from utuning.errors import ConfigError, UnsupportedModelError
 
@@ -83,6 +83,12 @@ def test_zoo(config, name):
     check_zoo_tuner(name, lambda: utuning.wrap(copy.deepcopy(hf)), reference(hf), pixels(), changing=changing)
 
 
+@pytest.mark.parametrize("name", sorted(utuning.COMPOSITIONS))
+def test_compositions(name):
+    hf = tiny_hf("vit_classifier")
+    check_zoo_composition(name, lambda: utuning.wrap(copy.deepcopy(hf)), reference(hf), pixels())
+
+
 @pytest.mark.parametrize("config", ["vit_classifier", "siglip"])
 def test_prefix_parallel_form_and_prompt_equals_prompt_parallel(config):
     """float64, 1e-10; SigLIP has no class token, so its prompts go first."""
@@ -134,6 +140,11 @@ def test_wrap_create_and_refusals():
         utuning.build_backbone("hf_vision", model="siglip_vision_model", num_classes=3, **TINY)
     with pytest.raises(UnsupportedModelError, match="VisionLayer"):
         HFVisionBackbone(swiglu.model)  # already re-written: refused by name
+    changed = tiny_hf("dinov2")  # a layer lacking what the re-written forward reads (a changed library version)
+    del changed.encoder.layer[1].mlp.activation_fn
+    with pytest.raises(UnsupportedModelError, match=r"encoder\.layer\.1\.mlp.*lacks \['activation_fn'\]"):
+        HFVisionBackbone(changed)
+    assert type(changed.encoder.layer[0]).__name__ == "Dinov2Layer"  # nothing was re-written
 
 
 @pytest.mark.parametrize("specs", [[("prompt", "blocks.*", {"tokens": 2})], [("lora", "blocks.*.attn.q", {"rank": 2})]])
