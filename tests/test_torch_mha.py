@@ -202,3 +202,20 @@ def test_side_tuners_read_encoder_layer_outputs(batch_first):
         out = tuned(IDS)
         assert out.shape == (3, 3)
         assert_only_tuner_grads(tuned, {"ids": IDS})
+
+
+def test_decoder_cross_attention_tuners():
+    """nn.TransformerDecoder: LoRA and a prefix on the cross-attention (query from the target, keys
+    and values from the memory) start from PyTorch's outputs and train only themselves."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    ref = nn.TransformerDecoder(layer, 2).eval()
+    tgt, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    specs = [("lora", "layers.*.multihead_attn.in_proj", {"rank": 2, "parts": ["k", "v"]}),
+             ("p_prefix", "layers.*.multihead_attn", {"tokens": 2})]
+    tuned = utuning.tune(copy.deepcopy(ref), specs, backbone="generic", example_inputs=(tgt, memory)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(tgt, memory), ref(tgt, memory), atol=1e-6, rtol=0)
+        randomize_tuners(tuned)
+        assert not torch.allclose(tuned(tgt, memory), ref(tgt, memory), atol=1e-4)
+    assert_only_tuner_grads(tuned, {"tgt": tgt, "memory": memory})
