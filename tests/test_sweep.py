@@ -129,12 +129,19 @@ def test_a_killed_sweep_resumes_without_redoing_runs(tmp_path: Path, capsys) -> 
     assert again == 0 and summaries(out) == runs and capsys.readouterr().out.count("EuroSAT") >= 1
 
 
-def test_the_process_launcher_runs_a_fresh_interpreter(tmp_path: Path, capsys) -> None:
-    """No search: the recipe's own values, one seed, ``python -m utuning.sweep`` per run."""
+def test_the_process_launcher_and_a_failing_run(tmp_path: Path, capsys) -> None:
+    """No search: the recipe's own values, one seed, ``python -m utuning.sweep`` per run; a run that
+    fails is named with its log, the others still make the table, the exit status is 1."""
+    linear = str(REPO / "recipes/vtab/{data}/linear.yaml")
     path = write_sweep(tmp_path, launcher="process", seeds=[3], search=None,
-                       methods={"linear": str(REPO / "recipes/vtab/{data}/linear.yaml")})
-    assert cli.main(["sweep", str(path)]) == 0, capsys.readouterr().err
+                       methods={"linear": linear, "broken": {"recipe": linear, "overrides": ["optim.lr=-1"]}})
+    assert cli.main(["sweep", str(path), "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: " in err and str(tmp_path / "out" / "final" / "broken" / "eurosat" / "s3") in err
+    assert "optim.lr: must be > 0" in (tmp_path / "out" / "final" / "broken" / "eurosat" / "s3" / "sweep.log").read_text()
     (run,) = summaries(tmp_path / "out")
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert run == tmp_path / "out" / "final" / "linear" / "eurosat" / "s3" and recipe["train"]["seed"] == 3
-    assert recipe["data"]["train_split"] == "train800val200" and "| linear |" in (tmp_path / "out" / "table.md").read_text()
+    assert recipe["data"]["train_split"] == "train800val200"
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| linear |" in table and "broken" not in table

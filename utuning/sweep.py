@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import subprocess
 import sys
 import time
@@ -272,10 +273,19 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, worker: bool = False, gpus: Sequen
     def pipeline(pair: tuple[Method, str | None]) -> tuple[str, list[Path]]:
         method, data = pair
         chosen = search(sweep, runner, method, data, jobs=jobs, worker=worker) if sweep.search else {"params": {}}
-        finals = [runner.run(method, data, "final", chosen["params"], seed)[0] for seed in sweep.seeds]
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(sweep.seeds)))) as pool:
+            futures = [pool.submit(runner.run, method, data, "final", chosen["params"], seed) for seed in sweep.seeds]
+        finals = []
+        for future in futures:
+            try:
+                finals.append(future.result()[0])
+            except RunFailed:  # listed in runner.failed; the other seeds still count
+                pass
         return json.dumps({"method": method.name, "data": data, **chosen}), finals
 
     pairs = list(itertools.product(sweep.methods, sweep.data))
+    if worker:  # workers started together spread over the studies instead of queueing on the first one
+        random.Random(os.getpid()).shuffle(pairs)
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(pairs)))) as pool:
         futures = [pool.submit(pipeline, p) for p in pairs]
         results, errors = [], []
