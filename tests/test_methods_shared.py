@@ -154,4 +154,4 @@ def test_vera_equals_peft_vera_on_a_tiny_bert():
     inputs = padded_inputs(ours.backbone)
     with torch.no_grad():
         torch.testing.assert_close(call(ours, inputs), peft_model(**inputs).logits, atol=1e-5, rtol=0)
-        assert not torch.allclose(call(ours, inputs), hf(**inputs).logits, atol=1e-3)  # the tuner does act
+        assert (call(ours, inputs) - hf(**inputs).logits).abs().max() > 1e-4  # the tuner does act (tiny logits)
