@@ -97,13 +97,13 @@ def dry_run(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, dict
 
     def record(path: str):
         def hook(module: nn.Module, a: tuple, kw: dict, out: Any) -> None:
-            shape = _call_shape(a, kw, out)
-            seen = calls.get(path)
-            if seen is not None and seen != shape and not isinstance(seen, str):
-                shape = f"it is called with different shapes ({seen['in_shape']} and {getattr(a[0], 'shape', None)})"
-            calls[path] = shape if seen is None or not isinstance(seen, str) else seen
-            if path not in order:
+            shape, seen = _call_shape(a, kw, out), calls.get(path)
+            if seen is None:
+                calls[path] = shape
                 order.append(path)
+            elif isinstance(seen, dict) and shape != seen:  # a later call that differs: no single width
+                calls[path] = shape if isinstance(shape, str) else \
+                    f"it is called with different shapes ({seen['in_shape']} and {shape['in_shape']})"
         return hook
 
     handles = [m.register_forward_hook(record(p), with_kwargs=True) for p, m in model.named_modules() if p]
@@ -329,6 +329,7 @@ class GenericBackbone(Backbone):
         raise UnsupportedModelError("The generic adapter has no head site: the model's own modules make its outputs")
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, Tensor]:
+        """The ``example_inputs`` given when wrapping, by keyword (their own batch size)."""
         if self._call is None:
             raise ConfigError("This generic backbone was wrapped without example_inputs")
         args, kwargs = self._call

@@ -140,6 +140,16 @@ def test_refusals_name_the_reason(resnet):
 
     with pytest.raises(utuning.PlacementError, match="the dry run never called this module"):
         utuning.tune(ReadsWeights(), [("lora", "lin", {})], backbone="generic", example_inputs=torch.randn(2, 4))
+    class CalledTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.f(x) + self.f(x[:, :2]).sum(1, keepdim=True)
+
+    with pytest.raises(utuning.PlacementError, match=r"called with different shapes \(\(2, 3, 4\) and \(2, 2, 4\)\)"):
+        utuning.tune(CalledTwice(), [("p_adapter", "f", {})], backbone="generic", example_inputs=torch.randn(2, 3, 4))
     with pytest.raises(utuning.UnsupportedModelError, match="bare nn.MultiheadAttention"):
         utuning.wrap(nn.MultiheadAttention(8, 2), "generic")
     with pytest.raises(utuning.ConfigError, match="dry run of ResNet on example_inputs failed"):
