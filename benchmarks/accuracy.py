@@ -31,9 +31,10 @@ ROOT = HERE.parent
 #: (as parallel_adapter is of adapter), run so that the page can compare the forms.
 METHODS = ["full", "linear_probe", "ytuning", "bypass", "dual_u_tuner", "adapter", "parallel_adapter", "lora",
            "prefix", "p_prefix", "vpt_deep", "p_prompt", "tri_u_tuner", "bitfit"]
-STUDIES = {"finefoods": METHODS, "fashion_to_mnist": METHODS}
+STUDIES = {"finefoods": METHODS, "fashion_to_mnist": METHODS, "vader": ["full", "linear_probe", "ytuning"]}
 REDUCED = {"finefoods": ["data.args.subset=2000", "train.epochs=1"],
-           "fashion_to_mnist": ["data.args.subset=1000", "train.epochs=1"]}
+           "fashion_to_mnist": ["data.args.subset=1000", "train.epochs=1"],
+           "vader": ["data.args.subset=2000", "train.epochs=1"]}
 
 
 def child_env(threads: int | None) -> dict[str, str]:
@@ -90,6 +91,8 @@ STUDY_TITLES = {
     "finefoods": "MiniLM-L6 (all-MiniLM-L6-v2, pretrained) on fine-food reviews (great vs other; 4,000 / 1,000; always answering the majority class scores 0.658)",
     "fashion_to_mnist": "small ViT **pretrained here** on Fashion-MNIST, frozen, transferred to MNIST-5k "
                         "(4,000 / 1,000)",
+    "vader": "MiniLM-L6 (all-MiniLM-L6-v2, pretrained) on VADER lexicon words in 4 valence classes "
+             "(`vader_valence`, edges -2 / 0 / 2; 6,016 / 1,504; always answering the majority class scores 0.415)",
 }
 
 
