@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from utuning.errors import ConfigError
 from utuning.registry import register_composition
 from utuning.tuner import TunerSpec
 
@@ -15,7 +16,12 @@ BLOCKS = "blocks.*"
 def _layers(at: str | list[str]) -> str:
     """The block pattern a composition spans: ``blocks.*`` or e.g. ``blocks.{0..3}``."""
     at = at if isinstance(at, str) else at[0]
-    return at if at.startswith("blocks") else BLOCKS
+    if at.startswith(("blocks", "stages")):  # stages.{s}: a hierarchical backbone's stage selector
+        return at
+    if at in ("*", "**"):
+        return BLOCKS
+    raise ConfigError(f"A composition spans whole blocks: at={at!r} selects no blocks; give e.g. 'blocks.*', "
+                      "'blocks.{0..3}' or (hierarchical backbones) 'stages.1'")
 
 
 @register_composition("dual_u_tuner")

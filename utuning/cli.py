@@ -115,8 +115,15 @@ def _structure(recipe: Any, weights: bool):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from utuning.checkpoint import export_backbone
+    from utuning.checkpoint import export_backbone, load_tuned, read_checkpoint
 
+    if args.format == "peft":
+        from utuning.peft_format import export_peft
+
+        meta = read_checkpoint(args.checkpoint)[1]
+        out = export_peft(load_tuned(args.checkpoint), args.out, base_model_name_or_path=meta["recipe"].backbone.model)
+        print(f"wrote the PEFT adapter folder {out} (load it with PeftModel.from_pretrained(base_model, {str(out)!r}))")
+        return 0
     left = export_backbone(args.checkpoint, args.out)
     print(f"wrote {args.out}" + (f" (head tuners {left} stay in the checkpoint's tuner.safetensors)" if left else ""))
     return 0
@@ -307,12 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="for `sites` of a recipe: its tiny backbone")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("export", parents=[common], help="fold tuners into the backbone and save its weights",
+    p = sub.add_parser("export", parents=[common], help="fold tuners into the backbone, or write a PEFT adapter",
                        description="Fold a checkpoint's full fine-tuning or mergeable tuners (lora, ssf, bitfit) into "
                        "the frozen weights and save the backbone's state dict (original keys: load it with "
                        "`backbone.pretrained: FILE`, e.g. to transfer a backbone trained here).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder, its checkpoints/ folder or one checkpoint")
-    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the .safetensors file to write (--format weights) or the adapter folder (--format peft)")
+    p.add_argument("--format", choices=["weights", "peft"], default="weights",
+                   help="weights: merged backbone weights (default); peft: an HF PEFT adapter folder "
+                   "(adapter_config.json + adapter_model.safetensors) of LoRA-family, IA3, OFT, LN tuning tuners")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", parents=[common], help="compare finished runs",
