@@ -1,7 +1,7 @@
-"""Hugging Face vision transformers: ``ViTModel`` / ``ViTForImageClassification``, ``Dinov2Model``,
-``CLIPVisionModel`` and ``SiglipVisionModel`` (registered as ``hf_vision``).
+"""Hugging Face vision transformers: ``ViTModel`` / ``ViTForImageClassification``, ``Dinov2Model``
+(and ``Dinov2WithRegistersModel``), ``CLIPVisionModel`` and ``SiglipVisionModel`` (registered as ``hf_vision``).
 
-All four are pre-norm ViTs whose layers differ only in attribute names, so one re-written layer,
+All of them are pre-norm ViTs whose layers differ only in attribute names, so one re-written layer,
 ``VisionLayer``, serves them through ``FAMILIES`` (a table keyed by ``config.model_type``), keeping
 each HF layer's submodules under their original names (``state_dict`` keys do not change)::
 
@@ -10,7 +10,8 @@ each HF layer's submodules under their original names (``state_dict`` keys do no
 
 (``drop``: ViT's hidden dropout or DINOv2's drop path; ``ls``: DINOv2's layer scale.) ``pixel_values``
 in; the sites are the timm ViT adapter's, with separate query/key/value linears as in the text adapter:
-``embed`` (patch + position embeddings, and CLIP's ``pre_layrnorm``; prompts go after the class token),
+``embed`` (patch + position embeddings, and CLIP's ``pre_layrnorm``; prompts go after the class and
+register tokens),
 ``blocks.{i}``, ``.attn``, ``.mlp``, ``.attn.q|k|v|proj``, ``.mlp.fc1|fc2`` (DINOv2's SwiGLU FFN:
 ``.mlp.fc1_g|fc1_x|fc2`` for its gate / up / down projections), ``norm`` (the final LayerNorm over all
 tokens: ViT/DINOv2 ``layernorm``, CLIP/SigLIP ``post_layernorm``) and ``head``.
@@ -68,6 +69,7 @@ class Family:
     drop_path: str | None = None  # DINOv2: stochastic depth after each branch
     layer_scale: tuple[str, str] | None = None  # DINOv2: LayerScale modules
     class_token: bool = True
+    register_tokens: str | None = None  # config field: register tokens after the class token (DINOv2-reg)
 
 
 _M = tf.models
@@ -78,6 +80,11 @@ FAMILIES: dict[str, Family] = {
     "dinov2": Family(tf.Dinov2Model, None, None, _M.dinov2.modeling_dinov2.Dinov2Layer, "encoder.layer", "norm1",
                      "attention", "o_proj", "scaling", "attention_dropout", "norm2", "layernorm",
                      drop_path="drop_path", layer_scale=("layer_scale1", "layer_scale2")),
+    "dinov2_with_registers": Family(tf.Dinov2WithRegistersModel, None, None,
+                                    _M.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersLayer,
+                                    "encoder.layer", "norm1", "attention", "o_proj", "scaling", "attention_dropout",
+                                    "norm2", "layernorm", drop_path="drop_path",
+                                    layer_scale=("layer_scale1", "layer_scale2"), register_tokens="num_register_tokens"),
     "clip_vision_model": Family(tf.CLIPVisionModel, None, None, _M.clip.modeling_clip.CLIPEncoderLayer,
                                 "encoder.layers", "layer_norm1", "self_attn", "out_proj", "scale", "dropout",
                                 "layer_norm2", "post_layernorm", pre_norm="pre_layrnorm"),
@@ -241,7 +248,9 @@ class HFVisionBackbone(Backbone):
         super().__init__(model)
         self.family, self.base = family, [base]  # plain list: the encoder stays registered under self.model only
         config = base.config
-        dim, heads, npt = config.hidden_size, config.num_attention_heads, int(family.class_token)
+        dim, heads = config.hidden_size, config.num_attention_heads
+        npt = int(family.class_token) + (getattr(config, family.register_tokens) if family.register_tokens else 0)
+        self.prefix_tokens = npt  # class and register tokens: prompts go after them
         patch = config.patch_size
         info = {"patch_size": tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)}
         # The embeddings' parts, less the mask token of masked-image pre-training (unused here).
@@ -322,7 +331,7 @@ class HFVisionBackbone(Backbone):
                             if hasattr(base.embeddings, "patch_embeddings") else pixel_values)
         if f.pre_norm:
             x = getattr(base, f.pre_norm)(x)
-        n_tokens, npt, wanted, inter = x.shape[1], int(f.class_token), set(layers), {}
+        n_tokens, npt, wanted, inter = x.shape[1], self.prefix_tokens, set(layers), {}
         x = self.slot("embed").around(x, lambda t, _: t)[0]
         for i, layer in enumerate(base.get_submodule(f.layers)):
             x = checkpoint(layer, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \

@@ -25,10 +25,12 @@ CONFIGS = {
     "vit_classifier": (tf.ViTForImageClassification, tf.ViTConfig, {"intermediate_size": 64, "num_labels": 5}),
     "dinov2": (tf.Dinov2Model, tf.Dinov2Config, {"layerscale_value": 0.5}),
     "dinov2_swiglu": (tf.Dinov2Model, tf.Dinov2Config, {"use_swiglu_ffn": True, "layerscale_value": 0.5}),
+    "dinov2_reg": (tf.Dinov2WithRegistersModel, tf.Dinov2WithRegistersConfig, {"num_register_tokens": 2,
+                                                                                "layerscale_value": 0.5}),
     "clip": (tf.CLIPVisionModel, tf.CLIPVisionConfig, {"intermediate_size": 64}),
     "siglip": (tf.SiglipVisionModel, tf.SiglipVisionConfig, {"intermediate_size": 64}),
 }
-FAMILIES = ["vit_classifier", "dinov2", "clip", "siglip"]
+FAMILIES = ["vit_classifier", "dinov2", "clip", "siglip", "dinov2_reg"]
 
 
 def tiny_hf(config: str, seed: int = 0) -> nn.Module:
@@ -89,9 +91,9 @@ def test_compositions(name):
     check_zoo_composition(name, lambda: utuning.wrap(copy.deepcopy(hf)), reference(hf), pixels())
 
 
-@pytest.mark.parametrize("config", ["vit_classifier", "siglip"])
+@pytest.mark.parametrize("config", ["vit_classifier", "siglip", "dinov2_reg"])
 def test_prefix_parallel_form_and_prompt_equals_prompt_parallel(config):
-    """float64, 1e-10; SigLIP has no class token, so its prompts go first."""
+    """float64, 1e-10; SigLIP has no class token, so its prompts go first; DINOv2-reg's go after 3 tokens."""
     x = pixels(dtype=torch.float64)
 
     def make(specs):
