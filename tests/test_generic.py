@@ -154,6 +154,8 @@ def test_refusals_name_the_reason(resnet):
         utuning.wrap(nn.MultiheadAttention(8, 2), "generic")
     with pytest.raises(utuning.ConfigError, match="dry run of ResNet on example_inputs failed"):
         backbone(example_inputs=torch.randn(2, 5, 32, 32))
+    with pytest.raises(utuning.ConfigError, match=r"takes no argument 'example_input'; did you mean \['example_inputs'"):
+        backbone(example_input=IMAGES)
     with pytest.raises(utuning.UnsupportedModelError, match="No registered backbone adapter accepts a .*Linear"):
         utuning.wrap(nn.Linear(2, 2))
 

@@ -8,6 +8,7 @@ in its own module under ``backbones/``; the core only sees sites, slots and hand
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -160,18 +161,28 @@ def wrap(model: nn.Module, backbone: str | None = None, **kwargs: Any) -> Backbo
                               f"to choose backbone={backbone!r} or its arguments {sorted(kwargs)}")
         return model
     if backbone is not None:
-        return BACKBONES.get(backbone)(model, **kwargs)
+        return _adapt(BACKBONES.get(backbone), model, kwargs)
     adapters = [BACKBONES.get(name) for name in BACKBONES]
     for cls in adapters:
         if not cls.fallback and cls.accepts(model):
-            return cls(model, **kwargs)
+            return _adapt(cls, model, kwargs)
     for cls in adapters:
         if cls.fallback and cls.accepts(model):
             warnings.warn(f"No backbone adapter for a {type(model).__module__}.{type(model).__name__}: wrapping it with "
                           f"the {cls.name!r} adapter (sites are its module paths); pass backbone={cls.name!r} to "
                           "choose it explicitly", stacklevel=2)
-            return cls(model, **kwargs)
+            return _adapt(cls, model, kwargs)
     raise UnsupportedModelError(
         f"No registered backbone adapter accepts a {type(model).__module__}.{type(model).__name__}; "
         f"registered: {list(BACKBONES)}"
     )
+
+
+def _adapt(cls: type[Backbone], model: nn.Module, kwargs: dict[str, Any]) -> Backbone:
+    """``cls(model, **kwargs)``, with an argument the adapter does not take named."""
+    known = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "model")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"The {cls.name!r} backbone adapter takes no argument {unknown[0]!r}; "
+                          f"did you mean {closest(unknown[0], known)}? Its arguments: {known}")
+    return cls(model, **kwargs)
