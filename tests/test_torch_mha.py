@@ -202,6 +202,11 @@ def test_side_tuners_read_encoder_layer_outputs(batch_first):
         out = tuned(IDS)
         assert out.shape == (3, 3)
         assert_only_tuner_grads(tuned, {"ids": IDS})
+    # LoRA inside the attention and a side tuner beside it: the features carry LoRA's gradients.
+    tuned = utuning.tune(copy.deepcopy(backbone), [("lora", "encoder.layers.*.self_attn.in_proj", {"rank": 2}),
+                                                   ("bypass", "encoder.layers.*", {"num_classes": 3, "hidden": 4})])
+    randomize_tuners(tuned)
+    assert_only_tuner_grads(tuned, {"ids": IDS})
 
 
 def test_decoder_cross_attention_tuners():
