@@ -7,7 +7,8 @@ their names (``norm1, attn, gamma_1, norm2, mlp, gamma_2``), so ``state_dict`` k
     x = x + mlp_op(x)    # mlp_op(x)  = drop_path2(gamma_2 * mlp(norm2(x)))        + its tuners
 
 Sites are the timm ViT adapter's (``embed``, ``blocks.{i}``, ``.attn``, ``.mlp``, ``.attn.qkv``,
-``.attn.proj``, ``.mlp.fc1``, ``.mlp.fc2``, ``norm``, ``head``); a SwiGLU FFN with separate gate and
+``.attn.proj``, ``.mlp.fc1``, ``.mlp.fc2``, ``norm``, ``head``); separate query/key/value projections
+(``qkv_fused=False``: EVA-02 S/B/L) are ``.attn.q``, ``.attn.k``, ``.attn.v`` as in the text adapter; a SwiGLU FFN with separate gate and
 input layers (timm ``SwiGLU``, EVA-02 B/L) has ``.mlp.fc1_g`` and ``.mlp.fc1_x`` instead of ``.mlp.fc1``;
 the packed SwiGLU of EVA-02 Ti/S (timm ``GluMlp``) keeps one ``.mlp.fc1`` holding both halves.
 
@@ -24,7 +25,7 @@ bias after the site's tuners, so every reparam tuner sees (and merges into) exac
 stores: LoRA-style weight updates merge, while BitFit and SSF, which merge into a layer bias, are
 refused at ``merge()`` with the reason (they still train), and SSF / IA3 scale ``W x`` before the frozen
 bias is added. Block variants the forward does not reproduce (post-norm, gated or grouped-query
-attention, separate q/k/v projections) are refused by name.
+attention) are refused by name.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class PreNormOpHandle(OpHandle):
 
     def _project(self, x: Tensor, index: int) -> Tensor:
         a, d = self.attn, self.attn.num_heads * head_dim(self.attn)
+        if a.qkv is None:  # separate q/k/v projections (EVA-02 B/L)
+            return split_heads(getattr(a, f"{'qkv'[index]}_proj")(self.norm(x)), a.num_heads)
         bias = split_qkv_bias(a) if a.qkv.bias is None else a.qkv.bias
         w, b = a.qkv.weight[index * d:(index + 1) * d], None if bias is None else bias[index * d:(index + 1) * d]
         return split_heads(F.linear(self.norm(x), w, b), a.num_heads)  # (B, H, N, Dh)
@@ -97,7 +100,9 @@ class PreNormOpHandle(OpHandle):
 
 
 def head_dim(attn: nn.Module) -> int:
-    """Width of one head of a fused-qkv attention (BEiT's ``Attention`` keeps no ``head_dim``)."""
+    """Width of one head (BEiT's ``Attention`` keeps no ``head_dim``)."""
+    if getattr(attn, "qkv", None) is None:
+        return attn.q_proj.out_features // attn.num_heads
     return attn.qkv.out_features // (3 * attn.num_heads)
 
 
@@ -140,13 +145,21 @@ class PreNormTunedBlock(nn.Module):
         drop = self.attn.attn_drop.p if self.training else 0.0
         return attend(q, k, v, prefixes=prefixes, decomposed=decomposed, dropout_p=drop, scale=self.attn.scale)
 
-    def _attn_op(self, x: Tensor, ctx: Tensor | None) -> Tensor:
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (each (B, H, N, Dh)) of the normed tokens through the linear sites."""
         a = self.attn
-        qkv = self.slots["attn.qkv"].linear(self.norm1(x), a.qkv)  # (B, N, 3·H·Dh)
+        if a.qkv is None:  # separate projections: sites attn.q / attn.k / attn.v
+            return tuple(split_heads(self.slots[f"attn.{n}"].linear(h, getattr(a, f"{n}_proj")), a.num_heads)
+                         for n in "qkv")
+        qkv = self.slots["attn.qkv"].linear(h, a.qkv)  # (B, N, 3·H·Dh)
         bias = split_qkv_bias(a)
         if bias is not None:  # EVA / BEiT: added after the site's tuners (see the module docstring)
             qkv = qkv + bias
-        q, k, v = rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=a.num_heads)
+        return tuple(rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=a.num_heads))
+
+    def _attn_op(self, x: Tensor, ctx: Tensor | None) -> Tensor:
+        a = self.attn
+        q, k, v = self._heads(self.norm1(x))
         q, k = getattr(a, "q_norm", nn.Identity())(q), getattr(a, "k_norm", nn.Identity())(k)
         q, k = self._position(q, k, ctx)
         prefixes, decomposed = self.slots["attn"].prefixes(x.shape[0])
@@ -203,8 +216,7 @@ def _check_block(i: int, block: nn.Module) -> None:
     require(a, ("qkv", "num_heads", "scale", "q_norm", "k_norm", "norm", "gate", "proj", "attn_drop",
                 "proj_drop", "rotate_half", "num_prefix_tokens"), f"{where}.attn")
     if a.qkv is None:
-        raise refuse(f"{where}.attn has separate q/k/v projections (qkv_fused=False)",
-                     "the eva adapter re-writes the fused qkv of EVA-02 and the RoPE ViTs")
+        require(a, ("q_proj", "k_proj", "v_proj"), f"{where}.attn")
     if a.gate is not None:
         raise refuse(f"{where}.attn is gated", "gated attention is not re-written")
     if getattr(a, "num_kv_groups", 1) != 1:
@@ -253,7 +265,8 @@ class PreNormTimmBackbone(Backbone):
                                      handle(f"{p}.mlp", mlp_mods, block.norm2, a, i)),
             }
             m = block.mlp
-            linears = {"attn.qkv": a.qkv, "attn.proj": a.proj, **{f"mlp.{n}": getattr(m, n) for n in ("fc1", "fc1_g", "fc1_x", "fc2")
+            qkv = {"attn.qkv": a.qkv} if a.qkv is not None else {f"attn.{n}": getattr(a, f"{n}_proj") for n in "qkv"}
+            linears = {**qkv, "attn.proj": a.proj, **{f"mlp.{n}": getattr(m, n) for n in ("fc1", "fc1_g", "fc1_x", "fc2")
                                               if isinstance(getattr(m, n, None), nn.Linear)}}
             for name, layer in linears.items():
                 spec = SiteSpec(f"{p}.{name}", "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),

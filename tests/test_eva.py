@@ -151,11 +151,12 @@ def check_feature_cache(tuned: utuning.TunedModel, pixel_values: torch.Tensor, r
 
 
 # Tiny EVA models --------------------------------------------------------------------------------
-#: name -> (timm model, overrides): EVA-02 (packed SwiGLU, RoPE, abs pos), EVA-02 B/L-style (SwiGLU
-#: with an FFN norm, scale norm in attention, register tokens), RoPE-Axial ViT and RoPE-Mixed ViT.
+#: name -> (timm model, overrides): EVA-02 Ti (fused qkv, packed SwiGLU, RoPE, abs pos), EVA-02 B-style
+#: (separate q/k/v, SwiGLU with an FFN norm; here also scale norm in attention and register tokens),
+#: RoPE-Axial ViT and RoPE-Mixed ViT.
 CONFIGS = {
     "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "patch_size": 7, "ref_feat_shape": (4, 4)}),
-    "eva02_swiglu_reg": ("eva02_tiny_patch14_224", {"img_size": 28, "patch_size": 7, "scale_mlp": True,
+    "eva02_swiglu_reg": ("eva02_base_patch14_224", {"img_size": 28, "patch_size": 7, "ref_feat_shape": (4, 4),
                                                     "scale_attn_inner": True, "num_reg_tokens": 2}),
     "rope": ("vit_small_patch16_rope_224", {"img_size": 32, "patch_size": 8}),
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", {"img_size": 32, "patch_size": 8, "num_reg_tokens": 1,
@@ -214,13 +215,15 @@ ODD_WIDTH = {"fact": "common width", "oft": "does not divide", "rep_adapter": "m
 GAPS = {"glora": "GLoRA's D scales the layer bias; EVA's qkv layer has none (timm keeps it apart), so D gets no gradient"}
 
 
-#: The RoPE ViT (regular qkv bias, GELU MLP) runs the tuners that read or change its attention.
-ROPE_ZOO = ["full", "lora", "p_prefix", "p_prompt", "prefix", "prompt", "prompt_parallel", "ssf"]
+#: The RoPE ViT (regular qkv bias, GELU MLP) and EVA-02 B (separate q/k/v, SwiGLU) run the tuners that read
+#: or change their attention and linear layers.
+SUBSET = ["bitfit", "full", "ia3", "lora", "p_prefix", "p_prompt", "prefix", "prompt", "prompt_parallel", "ssf"]
 
 
-@pytest.mark.parametrize(("config", "name"), [("eva02", n) for n in ZOO] + [("rope", n) for n in ROPE_ZOO if n in ZOO])
+@pytest.mark.parametrize(("config", "name"), [("eva02", n) for n in ZOO]
+                         + [(c, n) for c in ("rope", "eva02_swiglu_reg") for n in SUBSET if n in ZOO])
 def test_zoo(config, name, request):
-    if name in GAPS and config == "eva02":
+    if name in GAPS and config == "eva02":  # fused qkv with its bias kept apart
         request.applymarker(pytest.mark.xfail(strict=True, reason=GAPS[name]))
     ref = tiny_eva(config)
     check_zoo_tuner(name, lambda: utuning.wrap(copy.deepcopy(ref)), lambda i: ref(i["pixel_values"]), images(ref),
@@ -288,8 +291,8 @@ def test_refusals_name_the_part_and_reason():
     with pytest.raises(UnsupportedModelError, match="EvaBlockPostNorm"):
         EvaBackbone(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, embed_dim=32,
                                       num_heads=2, img_size=28, patch_size=7, use_post_norm=True))
-    with pytest.raises(UnsupportedModelError, match="qkv_fused=False"):
-        EvaBackbone(tiny_eva("eva02", qkv_fused=False))
+    with pytest.raises(UnsupportedModelError, match="grouped-query"):
+        EvaBackbone(tiny_eva("rope", qkv_fused=False, num_kv_heads=1))
     # A layer lacking an attribute the re-written forward reads (as after a library change): refused by
     # name before any block is re-written.
     changed = tiny_eva("eva02")
@@ -357,3 +360,14 @@ def test_grad_checkpointing_same_outputs_and_grads():
     torch.testing.assert_close(results[0][0], results[1][0])
     for k, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][k])
+
+
+def test_site_names_follow_the_layers():
+    """Fused qkv and packed SwiGLU (EVA-02 Ti), separate q/k/v and SwiGLU (EVA-02 B): one name per frozen linear."""
+    fused = utuning.wrap(tiny_eva("eva02")).site_names()
+    separate = utuning.wrap(tiny_eva("eva02_swiglu_reg")).site_names()
+    assert [s for s in fused if s.startswith("blocks.0.")] == [
+        "blocks.0.attn", "blocks.0.mlp", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert [s for s in separate if s.startswith("blocks.0.")] == [
+        "blocks.0.attn", "blocks.0.mlp", "blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1_g", "blocks.0.mlp.fc1_x", "blocks.0.mlp.fc2"]
