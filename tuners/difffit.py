@@ -11,6 +11,7 @@ from utuning.handle import OpHandle
 from utuning.registry import register_composition, register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner, TunerSpec
+from utuning.tuners.compositions import _layers
 
 
 @register_tuner("difffit_scale")
@@ -39,8 +40,7 @@ def difffit(at: str | list[str] = "blocks.*", **args: Any) -> list[TunerSpec]:
     their norms, and a scale ``γ`` on every attention and FFN branch. The
     paper inserts ``γ`` only in some blocks of its DiT; pick them with ``at`` (e.g.
     ``blocks.{6..11}``), biases and norms follow the same blocks."""
-    b = at if isinstance(at, str) else at[0]
-    b = b if b.startswith("blocks") else "blocks.*"
+    b = _layers(at)
     return [TunerSpec("difffit_scale", [f"{b}.attn", f"{b}.mlp"], dict(args)),
             TunerSpec("bitfit", f"{b}.*.*", {}),
             TunerSpec("ln_tuning", [f"{b}.attn", f"{b}.mlp"], {})]
