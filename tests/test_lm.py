@@ -111,3 +111,16 @@ def test_sequence_classification_on_a_decoder_reads_the_last_real_token(tmp_path
                                                           "attention_mask": ds[i]["inputs"]["attention_mask"][None]})
                            for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_templates_turn_a_labelled_table_into_completions(tmp_path):
+    tok = tiny_tokenizer()
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "the cat sat", "label": "great"}) + "\n")
+    ds = build_dataset("causal_lm", split="train", root=str(tmp_path), tokenizer=tok,
+                       prompt_template="Review: {text}\nAnswer:", completion_template=" {label}", append_eos=False)
+    item = ds[0]
+    n = len(tok("Review: the cat sat\nAnswer:")["input_ids"])
+    assert tok.decode(item["inputs"]["input_ids"][n:]) == " great"
+    assert (item["labels"][:n] == IGNORE_INDEX).all() and (item["labels"][n:] == item["inputs"]["input_ids"][n:]).all()
+    with pytest.raises(ConfigError, match="template field 'review' is not in the row"):
+        build_dataset("causal_lm", split="train", root=str(tmp_path), tokenizer=tok, prompt_template="{review}")

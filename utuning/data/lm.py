@@ -73,6 +73,24 @@ class LMDataset(ItemDataset):
                 "labels": torch.tensor(self.labels[j], dtype=torch.long)}
 
 
+def apply_templates(row: Mapping[str, Any], prompt_template: str | None, completion_template: str | None,
+                    prompt_key: str, completion_key: str, where: str) -> Mapping[str, Any]:
+    """``{prompt, completion}`` made from any row by ``str.format`` templates over its fields, e.g.
+    ``"Review: {text}\\nSentiment:"`` and ``" {label}"`` turn a classification file into completions."""
+    if prompt_template is None and completion_template is None:
+        return row
+    try:
+        made = dict(row)
+        if prompt_template is not None:
+            made[prompt_key] = prompt_template.format(**row)
+        if completion_template is not None:
+            made[completion_key] = completion_template.format(**row)
+        return made
+    except KeyError as e:
+        raise ConfigError(f"{where}: template field {e} is not in the row; it has {sorted(row)} "
+                          f"(closest: {closest(str(e.args[0]), row)})") from None
+
+
 def encode_row(tokenizer: Any, row: Mapping[str, Any], *, prompt_key: str, completion_key: str, text_key: str,
                max_length: int, append_eos: bool, where: str) -> tuple[list[int], list[int]]:
     """Token ids and labels of one row (prompt tokens labelled -100)."""
@@ -94,9 +112,12 @@ def encode_row(tokenizer: Any, row: Mapping[str, Any], *, prompt_key: str, compl
 @register_dataset("causal_lm")
 def causal_lm(*, split: str, backbone: Any = None, root: str | None = None, data_files: Mapping[str, str] | None = None,
               prompt_key: str = "prompt", completion_key: str = "completion", text_key: str = "text",
+              prompt_template: str | None = None, completion_template: str | None = None,
               max_length: int = 256, append_eos: bool = True, tokenizer: Any = None,
               subset: int | None = None) -> LMDataset:
-    """Local ``<root>/<split>.jsonl`` (or .json/.csv/.tsv) rows for causal LM fine-tuning."""
+    """Local ``<root>/<split>.jsonl`` (or .json/.csv/.tsv) rows for causal LM fine-tuning; with
+    ``prompt_template`` / ``completion_template`` the prompt and completion are formatted from the
+    row's fields (``str.format``), so any local table becomes completion data."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length={max_length!r} must be an integer >= 2 (a token and the one it predicts)")
     tok = resolve_tokenizer(backbone, tokenizer)
@@ -104,6 +125,7 @@ def causal_lm(*, split: str, backbone: Any = None, root: str | None = None, data
     ids, labels, locations = [], [], []
     for i, row in enumerate(read_records(path)):
         where = f"{path}:{i + 1}"
+        row = apply_templates(row, prompt_template, completion_template, prompt_key, completion_key, where)
         x, y = encode_row(tok, row, prompt_key=prompt_key, completion_key=completion_key, text_key=text_key,
                           max_length=max_length, append_eos=append_eos, where=where)
         ids.append(x)
@@ -115,5 +137,5 @@ def causal_lm(*, split: str, backbone: Any = None, root: str | None = None, data
         ids=ids, labels=labels, tokenizer=tok, subset=subset, name="causal_lm", split=split,
         metrics=["token_accuracy"], files=[path], locations=locations,
         identity={"prompt_key": prompt_key, "completion_key": completion_key, "text_key": text_key,
-                  "max_length": max_length, "append_eos": append_eos, **tokenizer_identity(tok)},
+                  "prompt_template": prompt_template, "completion_template": completion_template, "max_length": max_length, "append_eos": append_eos, **tokenizer_identity(tok)},
     )
