@@ -52,7 +52,12 @@ def test_seeds_aggregate_to_mean_sample_std_and_n(tmp_path: Path) -> None:
     for seed, acc in enumerate([0.70, 0.74, 0.75]):
         fake_run(tmp_path, "lora", "cifar100", seed, acc)
     fake_run(tmp_path, "lora", "cifar100", 0, 0.10, lr=0.1)  # another configuration: its own group
+    for seed, status in ((7, "interrupted"), (8, "diverged")):  # seeds of the same configuration, not results
+        run = fake_run(tmp_path, "lora", "cifar100", seed, 0.99)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "status": status}))
     groups = aggregate(collect(tmp_path))
+    assert sorted(g["n"] for g in groups) == [1, 3]
     main = next(g for g in groups if g["n"] == 3)
     assert main["mean"] == pytest.approx(statistics.mean([0.70, 0.74, 0.75]))
     assert main["std"] == pytest.approx(statistics.stdev([0.70, 0.74, 0.75]))

@@ -191,11 +191,14 @@ def plot(rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
 # Seeds and paper-format tables ------------------------------------------------------------------
 def aggregate(rows: Sequence[Mapping[str, Any]], *, value: str = "final") -> list[dict[str, Any]]:
     """One entry per configuration (runs equal but for the seed): mean, sample std and n of the
-    ``value`` ("final" or "best") metric, and the mean tunable parameter count."""
+    ``value`` ("final" or "best") metric, and the mean tunable parameter count. Only finished runs
+    count: an interrupted run has not reached its result, a diverged one has none."""
     if value not in ("final", "best"):
         raise ConfigError(f"value={value!r} must be 'final' (the last evaluation) or 'best' (the best one)")
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
+        if r.get("status", "finished") != "finished":
+            continue
         groups.setdefault(r.get("config") or r["run"], []).append(r)
     out = []
     for key, runs in groups.items():
