@@ -4,6 +4,8 @@ augmentation refusal, and training from the cache equal to training on live feat
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import utuning
 from tests.helpers import tiny_vit
 from tests.test_side_tuners import CountingViT, StubText
 from utuning.cache import FeatureCache, random_augmentation
+from utuning.data.base import file_identity
 from utuning.errors import CacheError
 
 
@@ -143,6 +146,7 @@ def test_dataset_fingerprint_replaces_sample_hashing(tmp_path):
     ("complete", "COMPLETE"),
     ("shard", "missing"),
     ("manifest", "manifest"),
+    ("file", "Not a directory"),  # the entry's folder replaced by a plain file
 ])
 def test_damaged_entries_are_rebuilt(tmp_path, damage, match):
     model, data = side_model(), Images()
@@ -158,8 +162,11 @@ def test_damaged_entries_are_rebuilt(tmp_path, damage, match):
         (path / "COMPLETE").unlink()
     elif damage == "shard":
         shard.unlink()
-    else:
+    elif damage == "manifest":
         (path / "manifest.json").write_text("{not json")
+    else:
+        shutil.rmtree(path)
+        path.write_text("not a cache entry")
     cache = FeatureCache(tmp_path, shard_size=4)
     with pytest.warns(UserWarning, match=match):
         rebuilt = cache.dataset(model, data, batch_size=5)
@@ -251,3 +258,60 @@ def test_text_features_of_different_lengths(tmp_path):
         expected = model(input_ids=live["input_ids"], attention_mask=live["attention_mask"])
         got = model.side_forward(feats)
     torch.testing.assert_close(got[feats.mask], expected[feats.mask], atol=1e-5, rtol=1e-5)
+
+
+class FileData(Images):
+    """Images whose fingerprint is the identity of a data file (as ``utuning.data`` datasets)."""
+
+    def __init__(self, path) -> None:
+        super().__init__()
+        self.path = path
+
+    def fingerprint(self) -> str:
+        return json.dumps(file_identity([self.path]))
+
+
+def test_an_edit_with_the_mtime_restored_gives_a_new_entry(tmp_path):
+    """Same size, mtime put back (as ``cp -p`` / ``rsync -a`` / ``tar`` do): the bytes decide."""
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text('{"text": "good", "label": 1}\n')
+    model, cache = side_model(), FeatureCache(tmp_path / "cache")
+    first = cache.dataset(model, FileData(data_file))
+    st = data_file.stat()
+    data_file.write_text('{"text": "bad!", "label": 0}\n')  # same size
+    os.utime(data_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data_file.stat().st_size == st.st_size and data_file.stat().st_mtime_ns == st.st_mtime_ns
+    second = cache.dataset(model, FileData(data_file))
+    assert second.key != first.key and cache.builds == 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_storage_halves_the_disk_and_keeps_the_features(tmp_path, dtype):
+    model, data = side_model(), Images()
+    full = FeatureCache(tmp_path / "f32").dataset(model, data)
+    half = FeatureCache(tmp_path / "half", dtype=dtype).dataset(model, data)
+    size = {n: sum(f.stat().st_size for f in (tmp_path / n / c.key).glob("shard-*")) for n, c in
+            (("f32", full), ("half", half))}
+    assert size["half"] < 0.55 * size["f32"]
+    (a, ya), (b, yb) = (c.collate([c[i] for i in range(10)]) for c in (full, half))
+    assert b.layers[1].dtype == torch.float32 and torch.equal(ya, yb)  # batches are float32, targets exact
+    tol = 1e-2 if dtype == "float16" else 4e-2
+    torch.testing.assert_close(b.layers[1], a.layers[1], rtol=tol, atol=tol)
+    model.train()
+    F.cross_entropy(model(features=b), yb).backward()  # a side tuner trains on them
+
+
+def test_cache_dtype_names_are_checked(tmp_path):
+    with pytest.raises(CacheError, match=r"cache_dtype='fp16'.*did you mean \['float16'"):
+        FeatureCache(tmp_path, dtype="fp16")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_reading_the_cache_maps_no_shard_into_memory(tmp_path):
+    """Rows are read with pread: no shard is memory-mapped, so resident memory does not grow
+    with the part of the cache an epoch has touched."""
+    cached = FeatureCache(tmp_path, shard_size=4).dataset(side_model(), Images())
+    for feats, _ in DataLoader(cached, batch_size=3, collate_fn=cached.collate):
+        assert feats.layers[0].shape[1:] == (17, 32)
+        maps = open("/proc/self/maps").read()
+        assert "shard-" not in maps

@@ -38,8 +38,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -48,13 +50,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from utuning.backbone import Features
-from utuning.errors import CacheError
+from utuning.errors import CacheError, closest
 from utuning.fingerprint import random_augmentation, seeded, transform_repr, update_hash, weights_fingerprint
 
 FORMAT = 1
@@ -138,12 +139,60 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+#: safetensors dtype names -> torch dtypes (what the cache writes).
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+#: ``train.cache_dtype`` values -> storage dtype (None keeps the backbone's).
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The feature storage dtype named ``name`` (``float32``, ``float16``, ``bfloat16``; None: the
+    backbone's own), for ``FeatureCache(dtype=...)``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in STORAGE_DTYPES:
+        raise CacheError(f"cache_dtype={name!r} is not one of {list(STORAGE_DTYPES)}; did you mean "
+                         f"{closest(str(name), list(STORAGE_DTYPES))}?")
+    return STORAGE_DTYPES[name]
+
+
+class ShardReader:
+    """Rows of one safetensors shard read with ``os.pread``: only the bytes of the asked rows
+    enter the process (no memory map whose touched pages would count as resident memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, size, 8))
+        header.pop("__metadata__", None)
+        base = 8 + size
+        self.tensors = {}  # name -> (dtype, row shape, row bytes, first byte)
+        for name, info in header.items():
+            dtype = ST_DTYPES[info["dtype"]]
+            row = list(info["shape"][1:])
+            nbytes = math.prod(row) * torch.empty((), dtype=dtype).element_size()
+            self.tensors[name] = (dtype, row, nbytes, base + info["data_offsets"][0])
+
+    def row(self, r: int) -> dict[str, Tensor]:
+        out = {}
+        for name, (dtype, shape, nbytes, start) in self.tensors.items():
+            raw = bytearray(os.pread(self.fd, nbytes, start + r * nbytes)) if nbytes else bytearray()
+            out[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class CachedFeatureDataset(Dataset):
     """Items ``(Features of one sample, target)``; batch them with ``collate`` (``collate_fn``).
 
-    Shards are memory-mapped (``safetensors.safe_open``) and each item reads only its own rows,
-    so memory stays bounded by the operating system's page cache, not by the cache's size;
-    the handles are opened lazily in each DataLoader worker."""
+    Each item reads only its own rows from its shard (``ShardReader``), so resident memory stays
+    bounded by the batches in flight, not by the cache's size; the files are opened lazily in
+    each DataLoader worker. Features come back in the storage dtype (``FeatureCache(dtype=...)``);
+    ``Features.to`` / the tuner's first layer casts them."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path, self.manifest = Path(path), manifest
@@ -151,28 +200,29 @@ class CachedFeatureDataset(Dataset):
         self.layers = list(manifest["layers"])
         self.extra = dict(manifest.get("extra", {}))
         self._offsets = np.cumsum([0] + [s["count"] for s in manifest["shards"]])
-        self._open: dict[int, tuple[Any, list[str]]] = {}
+        self._open: dict[int, ShardReader] = {}
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _shard(self, j: int) -> tuple[Any, list[str]]:
+    def _shard(self, j: int) -> ShardReader:
         if j not in self._open:  # checksums were verified when the entry was opened
-            handle = safe_open(str(self.path / self.manifest["shards"][j]["file"]), framework="pt")
-            self._open[j] = handle, list(handle.keys())
+            self._open[j] = ShardReader(self.path / self.manifest["shards"][j]["file"])
         return self._open[j]
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handles
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own files
         return {**self.__dict__, "_open": {}}
+
+    def __del__(self) -> None:
+        for reader in getattr(self, "_open", {}).values():
+            reader.close()
 
     def __getitem__(self, index: int) -> tuple[Features, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cached samples")
         index %= len(self)
         j = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        handle, keys = self._shard(j)
-        r = int(index - self._offsets[j])
-        row = {k: handle.get_slice(k)[r:r + 1][0] for k in keys}
+        row = self._shard(j).row(int(index - self._offsets[j]))
         feats = Features({i: row[f"layer.{i}"] for i in self.layers}, row["final"], row["pooled"], row.get("mask"),
                          dict(self.extra))
         targets = {k.removeprefix("target."): v for k, v in row.items() if k.startswith("target.")}
@@ -185,12 +235,17 @@ class CachedFeatureDataset(Dataset):
         n = max(f.final.shape[0] for f in feats)
 
         def stack(ts: list[Tensor], fill: float = 0) -> Tensor:  # (N, ...) each -> (B, N, ...)
-            return torch.stack([_pad(t, n, 0, fill) for t in ts])
+            return _compute(torch.stack([_pad(t, n, 0, fill) for t in ts]))
 
         batch = Features({i: stack([f.layers[i] for f in feats]) for i in self.layers}, stack([f.final for f in feats]),
-                         torch.stack([f.pooled for f in feats]),
+                         _compute(torch.stack([f.pooled for f in feats])),
                          None if feats[0].mask is None else stack([f.mask for f in feats]), dict(self.extra))
         return batch, _collate_targets([t for _, t in items])
+
+
+def _compute(t: Tensor) -> Tensor:
+    """Half-precision storage back to float32 for the tuners (one batch at a time)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _collate_targets(targets: list[Any]) -> Any:
@@ -207,15 +262,17 @@ def _collate_targets(targets: list[Any]) -> Any:
 class FeatureCache:
     """Frozen features on disk under ``root``, one entry per fingerprint (see the module docs).
 
-    ``shard_size``: samples per safetensors shard; ``dtype``: storage dtype (e.g. ``torch.float16``
-    to halve the disk use; part of the key), None keeps the backbone's.
+    ``shard_size``: samples per safetensors shard; ``dtype``: storage dtype of floating features
+    (a torch dtype or ``"float32"``/``"float16"``/``"bfloat16"``, part of the key; float16 halves
+    the disk use and the bytes read per epoch), None keeps the backbone's. Targets keep theirs.
     """
 
-    def __init__(self, root: str | os.PathLike, *, shard_size: int = 1024, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, *, shard_size: int = 1024,
+                 dtype: str | torch.dtype | None = None) -> None:
         if shard_size < 1:
             raise CacheError(f"shard_size={shard_size!r} must be >= 1")
         self.root = Path(root).expanduser()
-        self.shard_size, self.dtype = shard_size, dtype
+        self.shard_size, self.dtype = shard_size, storage_dtype(dtype)
         self.builds = 0  # entries built by this object (hits do not count)
 
     # Keys ---------------------------------------------------------------------------------
@@ -337,8 +394,10 @@ class FeatureCache:
             _write_atomic(tmp / "manifest.json", raw)
             _write_atomic(tmp / "COMPLETE", hashlib.sha256(raw).hexdigest().encode())  # written last
             path = self.root / key
-            if path.exists():  # the damaged entry this build replaces
+            if path.is_dir() and not path.is_symlink():  # the damaged entry this build replaces
                 shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():  # a plain file (or link) where the entry belongs
+                path.unlink()
             try:
                 os.replace(tmp, path)
             except OSError:  # another process finished the same entry first: use it if it is intact

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,26 @@ def update_hash(h: Any, value: Any) -> None:
             f"Cannot fingerprint a dataset sample part of type {type(value).__name__}; give the dataset a "
             "fingerprint() method returning a string that changes whenever its data does"
         )
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime_ns, ctime_ns) -> digest, this process only
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b (128 bits) of a file's bytes, streamed in 1 MiB blocks (~1 GB/s: a 100 MB study
+    adds about 0.1 s to a start). Size and mtime alone miss an edit whose mtime was restored
+    (``cp -p``, ``rsync -a``, ``tar``); within one process a file whose inode, size, mtime and
+    ctime (which no copy tool can restore) are unchanged is not read twice."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def weights_fingerprint(state: Mapping[str, Tensor]) -> str:

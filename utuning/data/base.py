@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from utuning.errors import ConfigError, closest
+from utuning.fingerprint import file_digest
 from utuning.registry import Registry
 from utuning.tasks import IGNORE_INDEX, TASKS
 
@@ -54,14 +55,14 @@ def choose(arg: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def file_identity(paths: Sequence[Path]) -> list[list[Any]]:
-    """(path, size, mtime) of each file (or of each file under a folder) for fingerprints."""
+    """(path, size, content digest) of each file (or of each file under a folder) for
+    fingerprints: the bytes decide (``utuning.fingerprint.file_digest``), not the mtime."""
     out = []
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files[:10_000]:
-            st = f.stat()
-            out.append([str(f.resolve()), st.st_size, int(st.st_mtime)])
+            out.append([str(f.resolve()), f.stat().st_size, file_digest(f)])
     return out
 
 
@@ -145,7 +146,7 @@ class ItemDataset(Dataset):
         return self.example(self.index[i])
 
     def fingerprint(self) -> str:
-        """Stable hash of the data identity: name, split, files (size and mtime), args, transform."""
+        """Stable hash of the data identity: name, split, files (size and content digest), args, transform."""
         ident = {
             "name": self.name, "split": self.split, "task": self.task, "subset": list(self._subset),
             "args": self._identity, "files": file_identity(self._files),
