@@ -200,10 +200,9 @@ def _hf_full(job: dict) -> Built:
 
 
 def _peft_text(job: dict) -> Built:
-    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-
     import peft
     import transformers
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     cls = PrefixTuningConfig if job["method"] == "peft_prefix" else PromptTuningConfig
     try:

@@ -12,7 +12,6 @@ from tests.helpers import assert_identity, assert_only_tuner_grads, assert_state
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@utuning.register_tuner("test_low_rank_parallel")
 class LowRankParallel(utuning.Tuner):
     """``U(x) = (x A) B`` beside the operation, B at zero (a test-only method in the U-Tuning form,
     arXiv 2303.00690)."""
@@ -28,6 +27,13 @@ class LowRankParallel(utuning.Tuner):
 
     def forward(self, x: Tensor, op) -> Tensor:  # (B, N, D) -> (B, N, D_out)
         return x @ self.a @ self.b
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_lowrankparallel():
+    """Registered for this module's tests only, so registry-wide checks elsewhere never see it."""
+    with utuning.TUNERS.registered("test_low_rank_parallel", LowRankParallel):
+        yield
+
 
 
 INPUTS = {"pixel_values": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))}

@@ -18,7 +18,6 @@ from utuning.tuner import Tuner
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@utuning.register_tuner("test_mlp_only")
 class MlpOnly(Tuner):
     """A parallel tuner for FFN sites only, with a required argument (test only)."""
 
@@ -32,6 +31,13 @@ class MlpOnly(Tuner):
 
     def forward(self, x: Tensor, op) -> Tensor:
         return x * self.w.sum()
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_mlponly():
+    """Registered for this module's tests only, so registry-wide checks elsewhere never see it."""
+    with utuning.TUNERS.registered("test_mlp_only", MlpOnly):
+        yield
+
 
 
 @pytest.fixture()

@@ -19,8 +19,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def example():
     spec = importlib.util.spec_from_file_location("utuning_example_new_tuner", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    spec.loader.exec_module(module)  # registers example_ia3
+    yield module
+    utuning.TUNERS.unregister("example_ia3")
 
 
 def test_example_loss_falls(example):

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EXACT = {"atol": 1e-10, "rtol": 0}
 
 
-@utuning.register_tuner("test_unmergeable_scale")
 class UnmergeableScale(Tuner):
     """A reparam tuner without ``merge`` (test only): ``y = y * w``."""
 
@@ -31,6 +30,13 @@ class UnmergeableScale(Tuner):
 
     def forward(self, x: Tensor, y: Tensor, op) -> Tensor:
         return y * self.w
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_unmergeablescale():
+    """Registered for this module's tests only, so registry-wide checks elsewhere never see it."""
+    with utuning.TUNERS.registered("test_unmergeable_scale", UnmergeableScale):
+        yield
+
 
 
 @pytest.fixture(scope="module")

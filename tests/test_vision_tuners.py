@@ -177,7 +177,8 @@ def test_every_registered_tuner_has_a_paper_and_keyword_only_args(name):
     cls = utuning.TUNERS.get(name)
     if name not in NO_PAPER:
         assert cls.paper.startswith("https://"), f"{name}: no paper link"
-        assert cls.__doc__ and ("arXiv" in cls.__doc__ or "arxiv" in cls.paper), f"{name}: no arXiv reference"
+        ident = cls.paper.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pdf")  # e.g. 2303.00690
+        assert cls.__doc__ and (ident in cls.__doc__ or "arXiv" in cls.__doc__), f"{name}: the docstring cites no paper"
     for arg, default in cls.hyperparameters().items():
         assert default is not torch.nn.Parameter, arg
 

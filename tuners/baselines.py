@@ -14,8 +14,9 @@ from utuning.tuner import Tuner
 @register_tuner("linear_probe")
 class LinearProbe(Tuner):
     """A trainable linear classifier in place of the frozen head (the linear-probe baseline, and
-    the head every other method trains). It starts as a copy of the frozen head when the shapes
-    agree, so attaching it leaves the outputs unchanged; otherwise ``trunc_normal(0.02)``."""
+    the head every other method trains; VPT's "Linear" row, arXiv 2203.12119). It starts as a copy of
+    the frozen head when the shapes agree, so attaching it leaves the outputs unchanged; otherwise
+    ``trunc_normal(0.02)``."""
 
     placement = "replace"
     site_kinds = frozenset({"head"})

@@ -26,7 +26,7 @@ PAPER = "https://arxiv.org/abs/2303.00690"
 
 @register_tuner("p_adapter")
 class ParallelAdapterTuner(Tuner):
-    """U-Tuning's parallel adapter: ``U(x) = s ⊙ up(act(down(x)))`` (up starts at zero)."""
+    """U-Tuning's parallel adapter (arXiv 2303.00690): ``U(x) = s ⊙ up(act(down(x)))`` (up starts at zero)."""
 
     placement = "parallel"
     site_kinds = OP_KINDS
@@ -44,7 +44,7 @@ class ParallelAdapterTuner(Tuner):
 
 @register_tuner("p_prefix")
 class ParallelPrefix(Tuner):
-    """U-Tuning's parallel prefix: ``U(x) = s ⊙ Attn(x W_q, K_pre, V_pre)`` with the frozen ``W_q``
+    """U-Tuning's parallel prefix (arXiv 2303.00690): ``U(x) = s ⊙ Attn(x W_q, K_pre, V_pre)`` with the frozen ``W_q``
     and learned ``K_pre, V_pre``; ``V_pre`` starts at zero."""
 
     placement = "parallel"
@@ -69,7 +69,7 @@ class ParallelPrefix(Tuner):
 
 @register_tuner("p_prompt")
 class ParallelPrompt(Tuner):
-    """U-Tuning's parallel prompt: ``U(x) = s ⊙ Attn(x W_q, P W_k, P W_v)``: learned prompt tokens
+    """U-Tuning's parallel prompt (arXiv 2303.00690): ``U(x) = s ⊙ Attn(x W_q, P W_k, P W_v)``: learned prompt tokens
     projected by the frozen key/value weights. The scale starts at zero."""
 
     placement = "parallel"

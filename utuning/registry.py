@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import Generic, TypeVar
 
@@ -31,6 +32,19 @@ class Registry(Generic[T]):
             return entry
 
         return add
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register temporary entries clean up with it)."""
+        self._entries.pop(name, None)
+
+    @contextmanager
+    def registered(self, name: str, entry: T) -> Iterator[T]:
+        """Register ``entry`` as ``name`` for the duration of a ``with`` block."""
+        self.register(name)(entry)
+        try:
+            yield entry
+        finally:
+            self.unregister(name)
 
     def get(self, name: str) -> T:
         if name not in self._entries:
