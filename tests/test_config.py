@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from utuning.build import build_model
-from utuning.recipe import load_recipe, recipe_to_dict, save_recipe, validate
 from utuning.errors import ConfigError
+from utuning.recipe import load_recipe, recipe_to_dict, save_recipe, validate
 from utuning.schema import Recipe, TunerConfig
 
 TINY_VIT = {"model": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32, "num_classes": 5,

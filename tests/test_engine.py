@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 
 from utuning.engine import build_model, evaluate, train
 from utuning.engine.optim import param_groups
-from utuning.tasks import compute_loss
 from utuning.errors import ConfigError
 from utuning.schema import BackboneConfig, DataConfig, OptimConfig, OutputConfig, Recipe, TrainConfig, TunerConfig
+from utuning.tasks import compute_loss
 
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
