@@ -2,17 +2,29 @@
 
 from utuning.tuners import (  # noqa: F401
     adapter,
+    adapter_plus,
     baselines,
     bias_scale,
     bypass,
     compositions,
+    conv_lora,
+    convpass,
+    difffit,
+    dora,
+    fact,
+    glora,
+    llama_adapter,
+    ln_tuning,
+    loha,
+    lokr,
     lora,
+    loreft,
+    lst,
+    oft,
     prefix,
     prompt,
+    rep_adapter,
     u_tuning,
+    vera,
     ytuning,
 )
-from utuning.tuners import dora, ln_tuning, loha, lokr, oft  # noqa: F401,E402
-from utuning.tuners import adapter_plus, difffit, fact, glora, llama_adapter, loreft, lst, rep_adapter, vera  # noqa: F401,E402,E501
-from utuning.tuners import conv_lora  # noqa: F401, E402  (LoRA for convolutions)
-from utuning.tuners import convpass  # noqa: F401, E402  (Convpass)
