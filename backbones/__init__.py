@@ -1,12 +1,20 @@
-"""Backbone adapters (installed as ``utuning.backbones``). Importing registers them."""
+"""Backbone adapters (installed as ``utuning.backbones``). Importing registers them.
 
-from utuning.backbones import (
-    hf_decoder,  # noqa: F401
-    hf_text,  # noqa: F401
-    vit,  # noqa: F401
+timm: ``vit`` (VisionTransformer), ``eva`` (EVA-02, RoPE ViTs), ``beit``, ``swin`` (Swin v1),
+``convnext``; Hugging Face: ``hf_text`` (BERT/RoBERTa/ELECTRA/DeBERTa-v2), ``hf_vision`` (ViT,
+DINOv2, CLIP and SigLIP vision encoders), ``hf_decoder`` (Llama family, GPT-2); PyTorch:
+``torch_mha`` (nn.MultiheadAttention models), ``generic`` (any nn.Module; the fallback of ``wrap``).
+"""
+
+from utuning.backbones import (  # noqa: F401
+    beit,
+    convnext,
+    eva,
+    generic,
+    hf_decoder,
+    hf_text,
+    hf_vision,
+    swin,
+    torch_mha,
+    vit,
 )
-from utuning.backbones import generic, torch_mha  # noqa: F401, E402  (any nn.Module; nn.MultiheadAttention)
-
-from utuning.backbones import beit, eva  # noqa: F401, E402  (timm BEiT, EVA-02 / RoPE ViTs)
-from utuning.backbones import convnext, swin  # noqa: F401, E402  (timm Swin v1, ConvNeXt)
-from utuning.backbones import hf_vision  # noqa: F401, E402  (HF ViT, DINOv2, CLIP and SigLIP vision encoders)

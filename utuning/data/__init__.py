@@ -44,8 +44,16 @@ Metrics: ``compute_metrics(names, preds, labels, label_names=None) -> {name: flo
 token_accuracy, seq_f1, qa_exact, qa_f1); preds may be scores (arg-maxed) or ids.
 """
 
-from utuning.data import fgvc, glue, lm, spans, text, vision, vtab  # noqa: F401  (registration)
-from utuning.data import lexicon  # noqa: F401  (registration: vader_valence)
+from utuning.data import (  # noqa: F401  (registration)
+    fgvc,
+    glue,
+    lexicon,  # noqa: F401  (registration: vader_valence)
+    lm,
+    spans,
+    text,
+    vision,
+    vtab,
+)
 from utuning.data.base import (
     DATASETS,
     IGNORE_INDEX,
