@@ -57,7 +57,7 @@ def train(recipe: Path, overrides: list[str], out_dir: Path, timeout: float, thr
     if proc.returncode != 0 or not summary.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"status": "error", "reason": tail[0][:300], "wall_s": time.perf_counter() - start}
-    return {"status": "ok", **json.loads(summary.read_text()), "wall_s": time.perf_counter() - start}
+    return {**json.loads(summary.read_text()), "status": "ok", "wall_s": time.perf_counter() - start}
 
 
 def pretrained_vit(args: argparse.Namespace) -> str | None:
@@ -74,6 +74,11 @@ def pretrained_vit(args: argparse.Namespace) -> str | None:
     cmd = [sys.executable, "-m", "utuning.cli", "export", str(run), "--out", str(target)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     return None if proc.returncode == 0 else f"export failed: {proc.stderr.strip()[-300:]}"
+
+
+def _ok(row: dict) -> bool:
+    """A run that finished (rows stored before the engine named its status "finished" included)."""
+    return row["status"] in ("ok", "finished")
 
 
 def _accuracy(summary: dict) -> float | None:
@@ -105,7 +110,7 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str, bool], dict]:
     """(study, method, reduced) -> accuracy mean/std over seeds, and the runs' costs."""
     out: dict[tuple[str, str, bool], dict] = {}
     for r in rows:
-        if r["status"] != "ok" or _accuracy(r) is None:
+        if not _ok(r) or _accuracy(r) is None:
             continue
         d = out.setdefault((r["study"], r["method"], bool(r["reduced"])), {"acc": [], "time": [], "mem": [], "seeds": []})
         d["acc"].append(_accuracy(r))
@@ -141,6 +146,10 @@ def claims(study: str, agg: dict, reduced: bool) -> list[str]:
         lines.append(f"- Y-tuning ≥ {YTUNING_KEEP:.0%} of full fine-tuning with ≤ {YTUNING_SHARE:.0%} tunable: "
                      f"{yt['mean']:.4f} = {yt['mean'] / full['mean']:.1%} of {full['mean']:.4f}, "
                      f"{yt['share']:.2%} tunable → {verdict(yt, full, YTUNING_KEEP) if small else '**not tested** (over 2%)'}.")
+    probe = get("linear_probe")
+    if yt and probe:
+        lines.append(f"- Y-tuning ≥ linear probe (issue 11; seeds {len(yt['acc'])} vs {len(probe['acc'])}): "
+                     f"{yt['mean']:.4f} vs {probe['mean']:.4f} → {verdict(yt, probe)}.")
     for par, orig, how in PARALLEL_FORMS:
         a, b = get(par), get(orig)
         if a and b:
@@ -188,7 +197,7 @@ def markdown(rows: list[dict], plots: Path | None = None) -> str:
                 if plots is not None else None
             if png:
                 lines += [f"![{study} accuracy](plots/{png.name})", ""]
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if not _ok(r)]
     if failed:
         lines += ["### Runs that did not finish", "", "| study | method | seed | status |", "|---|---|---:|---|"]
         lines += [f"| {r['study']} | {r['method']} | {r['seed']} | {r['status']}: "
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = row or train(recipe, overrides, args.runs / study / tag, args.timeout, args.threads)
                 entry = {"study": study, "method": method, "seed": seed, "reduced": args.reduced, **result}
                 store(stored, entry)
-                print(f"{study} {tag}: {result['status']} acc={_accuracy(result) if result['status'] == 'ok' else '-'}",
+                print(f"{study} {tag}: {result['status']} acc={_accuracy(result) if _ok(result) else '-'}",
                       flush=True)
     return 0
 

@@ -9,6 +9,11 @@ random images, batch by batch:
 * ``cached``: a later epoch: features read back from the cache, only the side tuner runs.
 
 Run as ``python -m benchmarks.cache_epoch '<json>'`` (one child process, like the speed jobs).
+
+``python -m benchmarks.cache_epoch --recipe-memory RECIPE [--dtype float16]`` measures a cached
+side-tuner run of a real recipe instead (issue 11: the fine-food study): resident memory (peak
+and after the epoch, from ``/proc/self/status``) and the time of one training epoch read from the
+cache in the given storage dtype (the entry is built first if missing; the build is not timed).
 """
 
 from __future__ import annotations
@@ -126,5 +131,51 @@ def markdown(job: dict, r: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def _status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process in MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def recipe_memory(recipe_path: str, dtype: str | None, batch_size: int | None = None) -> dict:
+    """One epoch of ``recipe_path``'s side tuner from its feature cache stored in ``dtype``."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from utuning.build import model_and_data
+    from utuning.cache import FeatureCache
+    from utuning.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    recipe = load_recipe(recipe_path)
+    model, (train,) = model_and_data(recipe, [recipe.data.train_split])
+    cache = FeatureCache(recipe.train.cache_dir, dtype=dtype)
+    cached = cache.dataset(model, train, batch_size=64, collate_fn=getattr(train, "collate", None))
+    disk = sum(f.stat().st_size for f in (cache.root / cached.key).glob("shard-*"))
+    before = _status_mib("VmRSS")
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=recipe.optim.lr)
+    model.train()
+    loader = DataLoader(cached, batch_size=batch_size or recipe.train.batch_size, shuffle=True,
+                        collate_fn=cached.collate, generator=torch.Generator().manual_seed(0))
+    start, losses = time.perf_counter(), []
+    for feats, target in loader:
+        loss = F.cross_entropy(model(features=feats), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"recipe": recipe_path, "dtype": dtype or "float32", "built": cache.builds, "disk_mib": disk / 2**20,
+            "epoch_s": time.perf_counter() - start, "rss_before_epoch_mib": before,
+            "rss_after_epoch_mib": _status_mib("VmRSS"), "rss_peak_mib": _status_mib("VmHWM"),
+            "mean_loss": sum(losses) / len(losses)}
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.argv[1]))))
+    if sys.argv[1] == "--recipe-memory":
+        dtype = sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else None
+        print(json.dumps(recipe_memory(sys.argv[2], dtype)))
+    else:
+        print(json.dumps(run(json.loads(sys.argv[1]))))
