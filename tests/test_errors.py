@@ -206,3 +206,12 @@ def test_a_library_release_without_an_attribute_is_refused_by_name():
     with pytest.raises(utuning.UnsupportedModelError, match=r"blocks.1.attn \(Attention\) has no attribute\(s\) "
                        r"\['attn_dim'\].*tested with timm 1.0.31"):
         utuning.wrap(model)
+
+
+def test_a_tuner_that_needs_frozen_modules_the_site_lacks_is_refused_before_freezing():
+    """``Tuner.check_handle`` runs in the plan: ln_tuning on a site without a LayerNorm fails with
+    the model still untouched (nothing frozen, nothing attached)."""
+    model = tiny_vit()
+    with pytest.raises(utuning.PlacementError, match=r"ln_tuning at 'embed': the operation has no LayerNorm"):
+        utuning.tune(model, [("ln_tuning", "embed", {})])
+    assert all(p.requires_grad for p in model.parameters())

@@ -45,7 +45,8 @@ class LNTuning(Tuner):
     def __init__(self, site: SiteSpec) -> None:
         super().__init__(site)
 
-    def on_attach(self, op: OpHandle) -> None:
+    @classmethod
+    def check_handle(cls, op: OpHandle) -> None:
         if not norm_parameters(op):
             raise PlacementError(f"ln_tuning at {op.site!r}: the operation has no LayerNorm to train "
                                  f"(its modules: {sorted(op.modules)})")

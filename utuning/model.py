@@ -127,6 +127,7 @@ class TunedModel(nn.Module):
                     slot = backbone.slot(site)
                     if cls.name in slot.tuners:
                         raise PlacementError(f"Site {site!r} already has a {cls.name!r} tuner")
+                    cls.check_handle(slot.handle)
                     tuner = cls(site=site_specs[site], **spec.args)
                     if shared is not None:
                         tuner.bind_shared(shared)

@@ -68,6 +68,11 @@ class Tuner(nn.Module):
         """Parameters this tuner trains, by stable name. Default: its own parameters."""
         return dict(self.named_parameters())
 
+    @classmethod
+    def check_handle(cls, op: OpHandle) -> None:
+        """Fail (before anything is modified) if the site's frozen modules cannot host this tuner,
+        e.g. a tuner that trains a LayerNorm on an operation without one. Default: accept."""
+
     def on_attach(self, op: OpHandle) -> None:
         """Called once the tuner sits in its slot (e.g. to copy frozen weights it starts from)."""
 
