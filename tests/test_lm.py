@@ -4,6 +4,7 @@ classification on decoders through the ordinary text data."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,33 @@ def test_templates_turn_a_labelled_table_into_completions(tmp_path):
     assert (item["labels"][:n] == IGNORE_INDEX).all() and (item["labels"][n:] == item["inputs"]["input_ids"][n:]).all()
     with pytest.raises(ConfigError, match="template field 'review' is not in the row"):
         build_dataset("causal_lm", split="train", root=str(tmp_path), tokenizer=tok, prompt_template="{review}")
+
+
+def test_a_causal_lm_recipe_trains_through_the_engine_and_generates(tmp_path):
+    """recipes/llm/lora.yaml on a tiny local model folder: utuning train, then generate_main from the checkpoint."""
+    from utuning import cli
+    from utuning.generate import generate_main
+
+    tok = tiny_tokenizer()
+    hf = tiny_decoder("llama")
+    hf.resize_token_embeddings(len(tok))
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"text": "the cat sat on the mat", "label": "great"}, {"text": "a dog ran", "label": "other"}] * 4
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = tmp_path / "r.yaml"
+    lora = Path(__file__).resolve().parents[1] / "recipes" / "llm" / "lora.yaml"
+    recipe.write_text(f"""name: tiny_lm
+description: tiny
+defaults: [{lora}]
+backbone: {{model: {tmp_path / 'model'}, args: {{gguf_file: null}}}}
+data: {{root: {tmp_path}, args: {{subset: 8}}}}
+train: {{batch_size: 4}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    assert cli.main(["train", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and set(summary["final_eval"]) >= {"loss", "token_accuracy"}
+    out = generate_main(None, tmp_path / "run", "the cat", max_new_tokens=3)
+    assert len(out) == 1 and isinstance(out[0], str)
