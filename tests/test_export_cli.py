@@ -66,3 +66,22 @@ def test_peft_export_refuses_tuners_without_a_peft_form(tmp_path, capsys):
     code = main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "adapter")])
     assert code == 2 and "p_adapter" in capsys.readouterr().err
     assert not (tmp_path / "adapter").exists()
+
+
+def test_pretrained_folder_round_trips_without_the_recipe(run, tmp_path, capsys):
+    import utuning
+
+    recipe, out = run
+    folder = tmp_path / "pretrained"
+    assert main(["export", str(out), "--format", "pretrained", "--out", str(folder)]) == 0
+    x = tiny_data()[1].images[:4]
+    reference = load_tuned(out)
+    rebuilt = utuning.from_pretrained(folder)  # the backbone from the folder's own description
+    onto = utuning.from_pretrained(folder, backbone=plain_vit(recipe))  # onto a model built by hand
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(pixel_values=x), reference(pixel_values=x))
+        torch.testing.assert_close(onto(pixel_values=x), reference(pixel_values=x))
+    weights = folder / "tuner.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(utuning.StateDictError, match="tuner.safetensors is truncated"):
+        utuning.from_pretrained(folder)

@@ -20,6 +20,7 @@ from utuning.errors import (
 )
 from utuning.handle import LinearHandle, OpHandle
 from utuning.model import TunedModel, expand_specs, tune, unwrap
+from utuning.pretrained import from_pretrained, save_pretrained
 from utuning.registry import (
     BACKBONES,
     COMPOSITIONS,
@@ -39,6 +40,6 @@ __all__ = [
     "BACKBONES", "COMPOSITIONS", "PLACEMENTS", "TUNERS", "Backbone", "CacheError", "ConfigError", "Features",
     "LinearHandle", "OpHandle", "PlacementError", "Registry", "SideTuner", "SiteError", "SiteSpec", "Slot",
     "StateDictError", "TunedModel", "Tuner", "TunerSpec", "UnknownNameError", "UnsupportedModelError",
-    "UtuningError", "attend", "build_backbone", "expand_specs", "match_sites", "register_backbone",
+    "UtuningError", "attend", "build_backbone", "expand_specs", "from_pretrained", "save_pretrained", "match_sites", "register_backbone",
     "register_composition", "register_tuner", "tune", "unwrap", "wrap",
 ]

@@ -117,6 +117,12 @@ def _structure(recipe: Any, weights: bool):
 def cmd_export(args: argparse.Namespace) -> int:
     from utuning.checkpoint import export_backbone, load_tuned, read_checkpoint
 
+    if args.format == "pretrained":
+        from utuning.pretrained import run_to_pretrained
+
+        out = run_to_pretrained(args.checkpoint, args.out)
+        print(f"wrote {out} (load it with utuning.from_pretrained({str(out)!r}))")
+        return 0
     if args.format == "peft":
         from utuning.peft_format import export_peft
 
@@ -320,10 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "`backbone.pretrained: FILE`, e.g. to transfer a backbone trained here).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder, its checkpoints/ folder or one checkpoint")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="the .safetensors file to write (--format weights) or the adapter folder (--format peft)")
-    p.add_argument("--format", choices=["weights", "peft"], default="weights",
+                   help="the .safetensors file to write (--format weights) or the folder (peft, pretrained)")
+    p.add_argument("--format", choices=["weights", "peft", "pretrained"], default="weights",
                    help="weights: merged backbone weights (default); peft: an HF PEFT adapter folder "
-                   "(adapter_config.json + adapter_model.safetensors) of LoRA-family, IA3, OFT, LN tuning tuners")
+                   "(adapter_config.json + adapter_model.safetensors) of LoRA-family, IA3, OFT, LN tuning tuners; "
+                   "pretrained: utuning's own folder for any tuner (utuning.from_pretrained)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", parents=[common], help="compare finished runs",

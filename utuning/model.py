@@ -237,6 +237,12 @@ class TunedModel(nn.Module):
                 a.tuner.unmerge(a.handle)
                 a.tuner.merged = False
 
+    def save_pretrained(self, folder: str, **kwargs: Any):
+        """A self-describing folder of these tuners (``utuning.pretrained.save_pretrained``)."""
+        from utuning.pretrained import save_pretrained
+
+        return save_pretrained(self, folder, **kwargs)
+
     # State ------------------------------------------------------------------------------
     def _states(self) -> dict[str, Tensor]:
         """Every saved tuner tensor by stable key: per site, then state shared across sites."""
