@@ -377,3 +377,16 @@ def test_nothing_lost_when_a_second_train_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, "train", str(path))
     assert code == 1 and "already holds a run" in err and files_of(out) == before
     shutil.rmtree(out / "checkpoints")
+
+
+def test_a_tampered_cifar_file_cannot_run_code(tmp_path):
+    """The CIFAR-100 python release is read with a data-only unpickler (the one pickle format read)."""
+    from utuning.data import build_dataset
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / "train").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(DataError, match=r"refusing to load posix.system"):
+        build_dataset("cifar100", split="train", root=str(tmp_path))
+    assert not marker.exists()

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from utuning.data.base import ItemDataset, choose, register_dataset
-from utuning.errors import ConfigError
+from utuning.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,17 +156,37 @@ def cifar100(*, split: str, backbone: Any = None, root: str | None = None, downl
     if not batch.is_file():
         raise ConfigError(f"Dataset 'cifar100': {str(batch)!r} not found; expected {CIFAR_LAYOUT} "
                           "(or pass download=True)")
-    with open(batch, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    entry = _read_cifar_pickle(batch)
     images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
     names = None
     if (base / "meta").is_file():
-        with open(base / "meta", "rb") as f:
-            names = pickle.load(f, encoding="latin1")["fine_label_names"]
+        names = _read_cifar_pickle(base / "meta")["fine_label_names"]
     return array_dataset(images=images, targets=entry["fine_labels"], name="cifar100", split=split,
                          backbone=backbone, files=[batch], identity={}, label_names=names or [str(i) for i in range(100)],
                          augment=augment, subset=subset, subset_mode=subset_mode,
                          **_tf(img_size, mean, std, crop_pct))
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR python release is a pickle by its authors' design. This unpickler rebuilds only
+    plain data and numpy arrays: any other global (a function, a class) a tampered file names is
+    refused, so reading the file can never run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the file is not plain CIFAR data")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _DataOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR python-release file ({e})") from None
 
 
 def _tf(img_size, mean, std, crop_pct) -> dict[str, Any]:
