@@ -147,3 +147,55 @@ def test_a_failing_run_is_named_and_the_others_still_count(tmp_path: Path, capsy
     assert recipe["data"]["train_split"] == "train800val200"
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| linear |" in table and "broken" not in table
+
+
+class FakeRunner:
+    """Stands in for the training processes: a run's accuracy is a function of its learning rate."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[float] = []
+        self.delay = delay
+
+    def run(self, method, data, phase, params, seed):
+        self.calls.append(params["optim.lr"])
+        time.sleep(self.delay)
+        return Path("unused"), {"status": "finished", "final_eval": {"accuracy": 1 - abs(params["optim.lr"] - 0.01)}}
+
+
+def test_a_trial_left_running_is_retried_with_its_values(tmp_path: Path) -> None:
+    """A sweep killed inside a trial leaves it RUNNING; the next one runs that grid point again, once."""
+    import optuna
+
+    from utuning.sweep import _sampler, _storage, search
+
+    spec = yaml.safe_load(write_sweep(tmp_path).read_text())
+    spec["search"]["space"] = {"optim.lr": [0.001, 0.01, 0.1]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    method = sweep.methods[0]
+    study = optuna.create_study(study_name="tiny/linear/eurosat", storage=_storage(sweep.storage, False),
+                                direction="maximize",
+                                sampler=_sampler(sweep.search, sweep.search["space"]), load_if_exists=True)
+    killed = study.ask()  # what a killed sweep leaves behind: a trial that never ends
+    killed.suggest_categorical("optim.lr", [0.001, 0.01, 0.1])
+    runner = FakeRunner()
+    chosen = search(sweep, runner, method, "eurosat", jobs=1, worker=False)
+    assert sorted(runner.calls) == [0.001, 0.01, 0.1] and chosen["params"] == {"optim.lr": 0.01}
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
+    assert search(sweep, runner, method, "eurosat", jobs=1, worker=False) == chosen and len(runner.calls) == 3
+
+
+def test_workers_share_one_study(tmp_path: Path) -> None:
+    """Two ``--worker`` processes (threads here) on one storage: every grid point done, one choice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from utuning.sweep import search
+
+    sweep = load_sweep(write_sweep(tmp_path))
+    runner = FakeRunner(delay=0.2)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: search(sweep, runner, sweep.methods[1], "eurosat", jobs=1, worker=True),
+                                range(2)))
+    assert set(runner.calls) == {0.003, 0.3} and results[0]["params"] == results[1]["params"] == {"optim.lr": 0.003}

@@ -174,9 +174,17 @@ def _storage(url: str, worker: bool):
     if worker:
         argument, callback = _retry_callback()
         heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, argument: callback}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(6):  # workers starting together on a new database race to create its tables
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+        except (OperationalError, IntegrityError):
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _retry_callback() -> tuple[str, Any]:
@@ -227,6 +235,9 @@ def search(sweep: Sweep, runner: Runner, method: Method, data: str | None, *, jo
     space = method.space or s["space"]
     study = optuna.create_study(study_name=f"{sweep.name}/{method.name}/{data or '-'}", direction=s["direction"],
                                 storage=_storage(sweep.storage, worker), sampler=_sampler(s, space), load_if_exists=True)
+    if study.direction.name.lower() != s["direction"]:
+        raise ConfigError(f"The stored study {study.study_name!r} ({sweep.storage}) was made to "
+                          f"{study.direction.name.lower()}, the sweep file now says {s['direction']}; use a new name or out")
     if not worker:
         _retry_stale(study)
     target = grid_size(space) if s["sampler"] == "grid" else s["trials"]
@@ -253,7 +264,9 @@ def search(sweep: Sweep, runner: Runner, method: Method, data: str | None, *, jo
             break
         left = target - done()
     while worker and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        optuna.storages.fail_stale_trials(study)  # other workers' trials: wait for them (or their heartbeat)
+        with warnings.catch_warnings():  # other workers' trials: wait for them (or for their heartbeat to stop)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         time.sleep(10)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RunFailed(f"No trial of {method.name} on {data} finished; see the logs under {sweep.out / 'search'}")
