@@ -135,6 +135,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Text from a decoder LLM recipe or checkpoint (greedy by default; sampling with --temperature)."""
+    from utuning.generate import generate_main
+
+    paths, overrides = _split(args.items or [])
+    if len(paths) > 1:
+        raise ConfigError(f"Give at most one recipe file (and KEY=VALUE overrides), got {paths}")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} \
+        if args.temperature else {}
+    texts = generate_main(paths[0] if paths else None, args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                          overrides=overrides + list(args.set or []), **sampling)
+    for prompt, text in zip(args.prompt, texts):
+        print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path, overrides = _one_recipe(args)
     recipe = _load(path, overrides, args.tiny)
@@ -332,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(adapter_config.json + adapter_model.safetensors) of LoRA-family, IA3, OFT, LN tuning tuners; "
                    "pretrained: utuning's own folder for any tuner (utuning.from_pretrained)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", parents=[common], help="generate text with a (tuned) decoder LLM",
+                       description="Generate with the KV cache from a decoder recipe (tuners as built) and/or a "
+                       "checkpoint (its stored recipe and tuner weights). One JSON line per prompt.", epilog=EPILOG)
+    p.add_argument("items", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="a recipe YAML file, then KEY=VALUE overrides")
+    p.add_argument("--checkpoint", metavar="PATH", help="a run folder or checkpoint (default: the recipe's untrained tuners)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default: greedy)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", parents=[common], help="compare finished runs",
                        description="Table of the finished runs under RUNS_DIR (each with a summary.json): name, "
