@@ -2,7 +2,7 @@
 ships in the ``vaderSentiment`` wheel): each of its ~7,500 words (and emoticons) has a mean
 human valence in [-4, 4]; ``vader_valence`` bins it into ``len(edges) + 1`` ordered classes.
 
-Default edges ``(-2, 0, 2)`` give four classes (7,520 entries: 1,180 / 2,913 / 2,416 / 1,011)
+Default edges ``(-2, 0, 2)`` give four classes (7,520 entries; train split 843 / 2,495 / 1,869 / 809)
 named "very negative", "negative", "positive", "very positive", so that Y-Tuning's label-name
 initialisation has meaningful names. A seeded stratified ``test_fraction`` is the test split.
 """
