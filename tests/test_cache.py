@@ -301,9 +301,14 @@ def test_half_precision_storage_halves_the_disk_and_keeps_the_features(tmp_path,
     F.cross_entropy(model(features=b), yb).backward()  # a side tuner trains on them
 
 
-def test_cache_dtype_names_are_checked(tmp_path):
+def test_cache_dtype_names_are_checked_and_float16_overflow_is_refused(tmp_path):
     with pytest.raises(CacheError, match=r"cache_dtype='fp16'.*did you mean \['float16'"):
         FeatureCache(tmp_path, dtype="fp16")
+    loud = Images()
+    loud.x *= 1e6  # the tiny ViT's block outputs then exceed 65504
+    with pytest.raises(CacheError, match="beyond torch.float16's range; store them as bfloat16"):
+        FeatureCache(tmp_path, dtype="float16").dataset(side_model(), loud)
+    assert FeatureCache(tmp_path, dtype="bfloat16").dataset(side_model(), loud).key
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")

@@ -243,6 +243,17 @@ class CachedFeatureDataset(Dataset):
         return batch, _collate_targets([t for _, t in items])
 
 
+def _store(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Features in the storage dtype; a value beyond its range (float16: 65504) is an error, not an inf."""
+    if not t.is_floating_point() or key.startswith("target"):
+        return t
+    out = t.to(dtype)
+    if not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise CacheError(f"Cached features {key!r} reach {t.abs().max().item():.4g}, beyond {dtype}'s range; "
+                         "store them as bfloat16 or float32 (cache_dtype)")
+    return out
+
+
 def _compute(t: Tensor) -> Tensor:
     """Half-precision storage back to float32 for the tuners (one batch at a time)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -381,8 +392,7 @@ class FeatureCache:
                     extra = {k: v for k, v in feats.extra.items() if isinstance(v, (bool, int, float, str))}
                     packed = _pack(feats, target)
                     if self.dtype is not None:
-                        packed = {k: v.to(self.dtype) if v.is_floating_point() and not k.startswith("target") else v
-                                  for k, v in packed.items()}
+                        packed = {k: _store(k, v, self.dtype) for k, v in packed.items()}
                     pending.append(packed)
                     while sum(len(p["pooled"]) for p in pending) >= self.shard_size:
                         pending = self._flush(tmp, shards, pending, self.shard_size)
