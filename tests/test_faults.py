@@ -390,3 +390,23 @@ def test_a_tampered_cifar_file_cannot_run_code(tmp_path):
     with pytest.raises(DataError, match=r"refusing to load posix.system"):
         build_dataset("cifar100", split="train", root=str(tmp_path))
     assert not marker.exists()
+
+
+def test_metrics_reach_a_local_mlflow_store(tmp_path, monkeypatch):
+    """``output.trackers: [mlflow]`` through accelerate's tracker, into a local SQLite store."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = tiny_recipe(tmp_path / "run", epochs=1)
+    recipe.output.trackers = ["mlflow"]
+    recipe.output.tracking_uri = store
+    summary = train(recipe, data=tiny_data())
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.data.params["optim.lr"] == "0.01"
+    assert run.data.metrics["eval/accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
+    with pytest.raises(ConfigError, match=r"unknown tracker 'mlfow'. Did you mean \['mlflow'"):
+        from utuning.recipe import validate
+
+        recipe.output.trackers = ["mlfow"]
+        validate(recipe)

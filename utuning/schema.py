@@ -95,7 +95,10 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/${name}"
-    tensorboard: bool = True
+    tensorboard: bool = True  # <dir>/tb, beside metrics.jsonl
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers: mlflow, wandb, aim, tensorboard...
+    tracker_args: dict[str, Any] = field(default_factory=dict)  # per tracker: its init arguments
+    tracking_uri: str | None = None  # MLflow and the like: where runs are recorded (default: local sqlite:///mlflow.db)
 
 
 @dataclass

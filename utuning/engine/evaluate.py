@@ -35,6 +35,8 @@ def make_accelerator(recipe: Recipe):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
         step_scheduler_with_optimizer=False,
+        log_with=list(recipe.output.trackers) or None,
+        project_dir=recipe.output.dir,
     )
 
 

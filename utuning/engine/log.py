@@ -11,10 +11,12 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends records to ``<out>/metrics.jsonl`` and, optionally, TensorBoard under ``<out>/tb``.
-    On resume, records after the resumed step (from the killed run) are dropped first."""
+    """Appends records to ``<out>/metrics.jsonl`` and, optionally, TensorBoard under ``<out>/tb`` and
+    accelerate's trackers (``trackers``: an Accelerator whose trackers were initialised). On resume,
+    records after the resumed step (from the killed run) are dropped first."""
 
-    def __init__(self, out: Path, *, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(self, out: Path, *, tensorboard: bool, resume_step: int | None = None, trackers: Any = None) -> None:
+        self.trackers = trackers
         self.path = out / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -32,14 +34,18 @@ class MetricsLog:
         record = {"split": split, "step": step, **extra, **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.end_training()
 
 
 

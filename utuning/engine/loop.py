@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from utuning import checkpoint as ckpt
 from utuning.build import model_and_data
 from utuning.data.checks import data_description
+from utuning.engine import tracking
 from utuning.engine.cached import check_cacheable, forward_batch
 from utuning.engine.ema import TunerEMA
 from utuning.engine.evaluate import cached, make_accelerator, make_loader, metric_names, run_eval
@@ -49,6 +50,7 @@ from utuning.engine.state import better, rng_state, set_rng_state
 from utuning.errors import DivergedError, InterruptedRun
 from utuning.files import atomic_text
 from utuning.model import unwrap
+from utuning.recipe.io import recipe_to_dict
 from utuning.schema import Recipe
 from utuning.tasks import check_task, compute_loss
 
@@ -172,7 +174,13 @@ def _train(recipe, accelerator, model, train_ds, eval_ds, names, num_classes, de
         accelerator.print(model.format_summary())
         if resume_from is not None:
             accelerator.print(f"resuming from {resume_from} (update {state['step']})")
-    log = MetricsLog(out, tensorboard=recipe.output.tensorboard,
+    trackers = None
+    if recipe.output.trackers:
+        tracking.prepare_environment(list(recipe.output.trackers), recipe.output.tracking_uri)
+        accelerator.init_trackers(recipe.name, config=tracking.flat(recipe_to_dict(recipe)),
+                                  init_kwargs={k: dict(v) for k, v in recipe.output.tracker_args.items()})
+        trackers = accelerator
+    log = MetricsLog(out, tensorboard=recipe.output.tensorboard, trackers=trackers,
                      resume_step=state["step"] if resume_from is not None else None) if main else None
 
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

@@ -41,6 +41,14 @@ def validate(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, str
         _validate_tuner(t, f"tuners.{i}", fail)
     pick("task.type", recipe.task.type, list(TASKS), "task type")
     pick("train.nonfinite", recipe.train.nonfinite, NONFINITE, "choice")
+    from utuning.engine.tracking import known_trackers
+
+    for i, name in enumerate(recipe.output.trackers):
+        pick(f"output.trackers.{i}", name, known_trackers(), "tracker")
+    for name in recipe.output.tracker_args:
+        if name not in recipe.output.trackers:
+            raise fail(f"output.tracker_args.{name}", f"arguments for tracker {name!r}, which output.trackers "
+                       f"does not list ({list(recipe.output.trackers)})")
     pick("train.precision", recipe.train.precision, PRECISIONS, "precision")
     checks = [
         ("optim.lr", recipe.optim.lr, 0, False), ("optim.weight_decay", recipe.optim.weight_decay, 0, True),
