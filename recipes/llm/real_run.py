@@ -55,7 +55,7 @@ def score(tuned, tok, rows, labels) -> float:
         chunk = rows[i:i + 8]
         enc = tok([r["prompt"] for r in chunk], padding=True, padding_side="left", return_tensors="pt")
         with torch.no_grad():
-            logits = tuned(**enc)[:, -1, ids]  # (B, 2)
+            logits = tuned(**enc, last_only=True)[:, -1, ids]  # (B, 2): the head on the last token only
         right += sum(int(labels[int(j)] == r["completion"]) for j, r in zip(logits.argmax(-1), chunk))
     return right / len(rows)
 
