@@ -206,3 +206,16 @@ def test_lora_on_fused_qkv_adapts_each_chosen_projection_separately(parts):
         else:
             assert torch.equal(moved, torch.zeros_like(moved))
     torch.testing.assert_close(lora.delta_weight() @ x[0].T, (out - y)[0].T, **EXACT)
+
+
+def test_merge_refuses_a_non_finite_update_before_touching_the_weights():
+    """The additive merges (LoRA, LoHa, LoKr, VeRA, FacT) compute the update in float32 or wider and
+    check it first, as PEFT's safe_merge does."""
+    tuned = utuning.tune(tiny_vit(), [("lora", "blocks.0.attn.qkv", {"rank": 2})])
+    lora = tuned.attached()[0].tuner
+    with torch.no_grad():
+        lora.lora_B[0, 0, 0] = float("nan")  # a diverged tuner
+    before = tuned.backbone.model.blocks[0].attn.qkv.weight.clone()
+    with pytest.raises(utuning.ConfigError, match="holds NaN or infinity; refusing to merge"):
+        tuned.merge()
+    assert torch.equal(tuned.backbone.model.blocks[0].attn.qkv.weight, before)

@@ -84,3 +84,28 @@ def init_prompts(prompts: Tensor, site_info, init: str) -> None:
         nn.init.uniform_(prompts, -val, val)
     else:
         nn.init.normal_(prompts, std=0.02)
+
+
+class AdditiveMerge:
+    """Mixin for reparam tuners whose merge adds ``delta_weight()`` (out, in) to the frozen weight
+    (LoRA, LoHa, LoKr, VeRA, FacT). A safe merge, as PEFT's ``safe_merge``: the delta is computed in
+    float32 and checked for non-finite values before the frozen weight is touched."""
+
+    def _delta(self, op) -> Tensor:
+        wide = torch.promote_types(op.linear.weight.dtype, torch.float32)  # float32 at least (float64 stays)
+        delta = self.delta_weight().to(wide)
+        if not torch.isfinite(delta).all():
+            raise ConfigError(f"{self.name} at {op.site!r}: the weight update holds NaN or infinity; refusing to "
+                              "merge it into the frozen weights")
+        return delta
+
+    @torch.no_grad()
+    def merge(self, op) -> None:
+        weight, delta = op.linear.weight, self._delta(op)
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, op) -> None:
+        weight, delta = op.linear.weight, self._delta(op)
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+

@@ -14,7 +14,7 @@ from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
-from utuning.tuners._common import choice, positive
+from utuning.tuners._common import AdditiveMerge, choice, positive
 
 FORMS = ("tt", "tk")
 
@@ -42,7 +42,7 @@ class FacTFactors(nn.Module):
 
 
 @register_tuner("fact")
-class FacT(Tuner):
+class FacT(AdditiveMerge, Tuner):
     """Factor-tuning (Jie & Deng 2023, arXiv 2212.03145). The updates of all adapted D x D weight
     chunks (a ViT layer has 12: q, k, v, proj, 4 of fc1, 4 of fc2) form one tensor, factorised
     with ``U`` (D->r) and ``V`` (r->D) **shared across layers** (``spec`` state), so a chunk's update
@@ -118,10 +118,3 @@ class FacT(Tuner):
         h = self.dropout(h @ self.middle().T)  # (..., b·r)
         return y + self.scale * (h.unflatten(-1, (b, self.rank)) @ f.v.T).flatten(-2)  # (..., b·D)
 
-    @torch.no_grad()
-    def merge(self, op: OpHandle) -> None:
-        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, op: OpHandle) -> None:
-        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)

@@ -12,11 +12,11 @@ from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
-from utuning.tuners._common import positive
+from utuning.tuners._common import AdditiveMerge, positive
 
 
 @register_tuner("loha")
-class LoHa(Tuner):
+class LoHa(AdditiveMerge, Tuner):
     """Low-rank Hadamard product (FedPara, Hyeon-Woo et al. 2022, arXiv 2108.06098; LyCORIS,
     Yeh et al. 2024, arXiv 2309.14859):
 
@@ -49,10 +49,3 @@ class LoHa(Tuner):
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
         return y + F.linear(x, self.delta_weight().to(x.dtype))
 
-    @torch.no_grad()
-    def merge(self, op: OpHandle) -> None:
-        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, op: OpHandle) -> None:
-        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)

@@ -12,7 +12,7 @@ from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
-from utuning.tuners._common import positive
+from utuning.tuners._common import AdditiveMerge, positive
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 @register_tuner("lokr")
-class LoKr(Tuner):
+class LoKr(AdditiveMerge, Tuner):
     """Low-rank Kronecker product (LyCORIS, Yeh et al. 2024, arXiv 2309.14859; KronA, arXiv 2212.10650):
 
         y = W x + ΔW x,   ΔW = (alpha/rank)·(W1 ⊗ W2)
@@ -83,10 +83,3 @@ class LoKr(Tuner):
     def forward(self, x: Tensor, y: Tensor, op: OpHandle) -> Tensor:  # x (..., D_in), y (..., D_out)
         return y + F.linear(x, self.delta_weight().to(x.dtype))
 
-    @torch.no_grad()
-    def merge(self, op: OpHandle) -> None:
-        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, op: OpHandle) -> None:
-        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)

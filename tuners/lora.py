@@ -15,7 +15,7 @@ from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
-from utuning.tuners._common import choice, positive
+from utuning.tuners._common import AdditiveMerge, choice, positive
 
 PART_NAMES = ("q", "k", "v")
 INITS = ("default", "pissa", "olora")
@@ -37,7 +37,7 @@ def principal_pair(weight: Tensor, rank: int, init: str, scaling: float) -> tupl
 
 
 @register_tuner("lora")
-class LoRA(Tuner):
+class LoRA(AdditiveMerge, Tuner):
     """Low-rank adaptation (Hu et al. 2021, arXiv 2106.09685): ``y = W x + s·B A x``, ``s = alpha/rank``.
 
     ``B`` starts at zero. On a fused ``qkv`` site each projection gets its own rank-``rank`` pair,
@@ -142,10 +142,3 @@ class LoRA(Tuner):
                           alpha=self.scaling)
         return out.view(y.shape)
 
-    @torch.no_grad()
-    def merge(self, op: OpHandle) -> None:
-        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, op: OpHandle) -> None:
-        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)

@@ -14,7 +14,7 @@ from utuning.handle import OpHandle
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import Tuner
-from utuning.tuners._common import positive
+from utuning.tuners._common import AdditiveMerge, positive
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -36,7 +36,7 @@ class VeRAProjections(nn.Module):
 
 
 @register_tuner("vera")
-class VeRA(Tuner):
+class VeRA(AdditiveMerge, Tuner):
     """Vector-based random matrix adaptation (Kopiczko et al. 2024, arXiv 2310.11454):
     ``y = W x + Λ_b B Λ_d A x`` with ``A`` (r, D_in) and ``B`` (D_out, r) frozen random matrices
     **shared by every site of the spec** (sliced to each layer's widths, as in the paper and HF
@@ -77,10 +77,3 @@ class VeRA(Tuner):
         a, b = self.projections()
         return y + self.lambda_b * F.linear(self.lambda_d * F.linear(self.dropout(x), a), b)
 
-    @torch.no_grad()
-    def merge(self, op: OpHandle) -> None:
-        op.linear.weight += self.delta_weight().to(op.linear.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, op: OpHandle) -> None:
-        op.linear.weight -= self.delta_weight().to(op.linear.weight.dtype)
