@@ -198,6 +198,12 @@ class Conv1DLinear:
     def bias(self) -> Tensor | None:
         return self.conv.bias
 
+    @bias.setter
+    def bias(self, value: Tensor) -> None:  # ``op.linear.bias += d`` (in place on the bias itself)
+        if value is not self.conv.bias:
+            with torch.no_grad():
+                self.conv.bias.copy_(value)
+
 
 class DecoderLinearHandle(OpHandle):
     """A linear site: the frozen layer, looked up in its parent at each use, so that
