@@ -199,3 +199,24 @@ def test_workers_share_one_study(tmp_path: Path) -> None:
         results = list(pool.map(lambda _: search(sweep, runner, sweep.methods[1], "eurosat", jobs=1, worker=True),
                                 range(2)))
     assert set(runner.calls) == {0.003, 0.3} and results[0]["params"] == results[1]["params"] == {"optim.lr": 0.003}
+
+
+def test_threads_never_take_the_same_waiting_trial(tmp_path: Path) -> None:
+    """Retried trials wait in the queue; on SQLite, threads popping them raced (two took one, and
+    Optuna failed with 'Cannot tell a COMPLETE trial') until transactions began IMMEDIATE."""
+    import optuna
+
+    from utuning.sweep import _storage
+
+    study = optuna.create_study(storage=_storage(f"sqlite:///{tmp_path / 'o.db'}", False), direction="maximize")
+    for i in range(30):
+        study.enqueue_trial({"x": float(i)})
+    seen: list[float] = []
+
+    def objective(trial) -> float:
+        seen.append(trial.suggest_float("x", 0, 100))
+        time.sleep(0.005)
+        return seen[-1]
+
+    study.optimize(objective, n_trials=30, n_jobs=6)
+    assert sorted(seen) == [float(i) for i in range(30)]

@@ -6,8 +6,10 @@ shared study and a sampler, not a scheduler of its own; Optuna gives grid, TPE a
 samplers over one RDB storage (SQLite here; PostgreSQL or MySQL for many machines, each running
 ``utuning sweep SWEEP.yaml --worker``, e.g. as a SLURM array) without a cluster service to run.
 
-Runs execute as ``utuning train`` subprocesses (``python -m utuning.cli train RECIPE KEY=VALUE
-... --resume``), at most ``jobs`` at a time. Each run has its own folder
+Runs execute as ``utuning train RECIPE KEY=VALUE ... --resume`` (``utuning.cli.main``) in child
+processes, at most ``jobs`` at a time (``gpus``: one GPU per job slot): forked from a server
+that imported utuning once (``launcher: fork``) or a fresh ``python -m utuning.sweep`` each
+(``launcher: process``); no engine internals are imported here. Each run has its own folder
 (``<out>/search/<method>/<data>/<params>/s<seed>`` or ``<out>/final/<method>/<data>/s<seed>``)
 holding ``sweep.json`` (what it is) and, once finished, ``summary.json``: a finished run is never
 redone, an interrupted one continues from its last checkpoint, and a file lock held by the
@@ -180,11 +182,32 @@ def _storage(url: str, worker: bool):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
+            if url.startswith("sqlite"):
+                _immediate_transactions(storage.engine)
+            return storage
         except (OperationalError, IntegrityError):
             if attempt == 5:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def _immediate_transactions(engine: Any) -> None:
+    """SQLite ignores ``SELECT ... FOR UPDATE`` and pysqlite starts transactions lazily, so two
+    threads can both read a WAITING trial and both take it (Optuna then fails to record the second
+    result). Every transaction takes the write lock first (``BEGIN IMMEDIATE``, SQLAlchemy's
+    recipe for pysqlite), which makes Optuna's read-then-update atomic; PostgreSQL and MySQL lock rows."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy, not the driver, begins transactions
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed are not reused
 
 
 def _retry_callback() -> tuple[str, Any]:
