@@ -320,3 +320,12 @@ def test_reading_the_cache_maps_no_shard_into_memory(tmp_path):
         assert feats.layers[0].shape[1:] == (17, 32)
         maps = open("/proc/self/maps").read()
         assert "shard-" not in maps
+
+
+def test_shards_are_bounded_in_bytes(tmp_path):
+    """``shard_mib`` caps a shard's size (building holds about two shards), whatever shard_size says."""
+    cached = FeatureCache(tmp_path, shard_mib=0.015).dataset(side_model(), Images())  # ~2 samples of 6.7 KB
+    shards = sorted((tmp_path / cached.key).glob("shard-*"))
+    assert len(shards) == 5 and max(f.stat().st_size for f in shards) < 0.015 * 2**20 + 4096
+    feats, _ = cached.collate([cached[i] for i in range(10)])
+    assert feats.layers[1].shape == (10, 17, 32)

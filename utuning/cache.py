@@ -16,7 +16,8 @@ items ``{"inputs": {...}, "labels": ...}``, or dicts whose target keys are
 returned ``CachedFeatureDataset`` is ``(Features of one sample, target)``; its ``collate``
 stacks them back into a ``Features`` batch (padding sequences of different lengths, mask False).
 
-Entries live in ``root/<key>/``: safetensors shards of ``shard_size`` samples, ``manifest.json``
+Entries live in ``root/<key>/``: safetensors shards of at most ``shard_size`` samples and about
+``shard_mib`` MiB (so building holds a few shards' worth of features, whatever the data's size), ``manifest.json``
 (shapes, dtypes, per-shard sha256, the fingerprint parts) and ``COMPLETE`` (the manifest's
 sha256), each written to a temporary file and moved with ``os.replace``; ``COMPLETE`` last.
 The key is a sha256 of: the backbone weights (every frozen tensor), the layers read, the data
@@ -273,15 +274,17 @@ def _collate_targets(targets: list[Any]) -> Any:
 class FeatureCache:
     """Frozen features on disk under ``root``, one entry per fingerprint (see the module docs).
 
-    ``shard_size``: samples per safetensors shard; ``dtype``: storage dtype of floating features
+    ``shard_size``: at most this many samples per safetensors shard, and ``shard_mib``: about this
+    many MiB per shard (building an entry holds about two shards in memory); ``dtype``: storage dtype of floating features
     (a torch dtype or ``"float32"``/``"float16"``/``"bfloat16"``, part of the key; float16 halves
     the disk use and the bytes read per epoch), None keeps the backbone's. Targets keep theirs.
     """
 
-    def __init__(self, root: str | os.PathLike, *, shard_size: int = 1024,
+    def __init__(self, root: str | os.PathLike, *, shard_size: int = 1024, shard_mib: float = 64,
                  dtype: str | torch.dtype | None = None) -> None:
-        if shard_size < 1:
-            raise CacheError(f"shard_size={shard_size!r} must be >= 1")
+        if shard_size < 1 or shard_mib <= 0:
+            raise CacheError(f"shard_size={shard_size!r} must be >= 1 and shard_mib={shard_mib!r} > 0")
+        self.shard_mib = shard_mib
         self.root = Path(root).expanduser()
         self.shard_size, self.dtype = shard_size, storage_dtype(dtype)
         self.builds = 0  # entries built by this object (hits do not count)
@@ -394,8 +397,10 @@ class FeatureCache:
                     if self.dtype is not None:
                         packed = {k: _store(k, v, self.dtype) for k, v in packed.items()}
                     pending.append(packed)
-                    while sum(len(p["pooled"]) for p in pending) >= self.shard_size:
-                        pending = self._flush(tmp, shards, pending, self.shard_size)
+                    sample = sum(v[0].numel() * v.element_size() for v in packed.values() if len(v))  # bytes
+                    rows = max(1, min(self.shard_size, int(self.shard_mib * 2**20 // max(sample, 1))))
+                    while sum(len(p["pooled"]) for p in pending) >= rows:
+                        pending = self._flush(tmp, shards, pending, rows)
             if pending:
                 self._flush(tmp, shards, pending, None)
             manifest = {"format": FORMAT, "key": key, "fingerprint": parts, "layers": parts["layers"],
