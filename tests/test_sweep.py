@@ -220,3 +220,22 @@ def test_threads_never_take_the_same_waiting_trial(tmp_path: Path) -> None:
 
     study.optimize(objective, n_trials=30, n_jobs=6)
     assert sorted(seen) == [float(i) for i in range(30)]
+
+
+def test_tpe_search_over_a_range(tmp_path: Path) -> None:
+    """A TPE search: ``trials`` completed trials with values drawn from a log range; resuming adds none."""
+    from utuning.sweep import search
+
+    spec = yaml.safe_load(write_sweep(tmp_path).read_text())
+    spec["search"].update(sampler="tpe", trials=4, space={"optim.lr": {"low": 1.0e-4, "high": 1.0, "log": True}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    runner = FakeRunner()
+    chosen = search(sweep, runner, sweep.methods[0], "eurosat", jobs=2, worker=False)
+    assert len(runner.calls) == 4 and all(1e-4 <= lr <= 1.0 for lr in runner.calls)
+    best = min(runner.calls, key=lambda lr: abs(lr - 0.01))
+    assert chosen["params"] == {"optim.lr": best} and chosen["trials"] == 4
+    assert search(sweep, runner, sweep.methods[0], "eurosat", jobs=2, worker=False) == chosen
+    assert len(runner.calls) == 4
+    assert "tpe search over ['optim.lr']: 4 trials x 1 seed(s)" in plan(sweep)
