@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from utuning.attention import attend, merge_heads, split_heads
 from utuning.backbone import Backbone, Features, refuse
 from utuning.backbones.vit import create_timm_model
-from utuning.handle import LinearHandle, OpHandle
+from utuning.handle import OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
@@ -269,9 +269,7 @@ class PreNormTimmBackbone(Backbone):
             linears = {**qkv, "attn.proj": a.proj, **{f"mlp.{n}": getattr(m, n) for n in ("fc1", "fc1_g", "fc1_x", "fc2")
                                               if isinstance(getattr(m, n, None), nn.Linear)}}
             for name, layer in linears.items():
-                spec = SiteSpec(f"{p}.{name}", "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
-                                out_dim=layer.out_features, layer=i, info={"split": 3 if name == "attn.qkv" else 1})
-                slots[name] = self.add_site(spec, LinearHandle(spec.name, layer))
+                slots[name] = self.add_linear_site(f"{p}.{name}", layer, index=i, split=3 if name == "attn.qkv" else 1)
             model.blocks[i] = self.block_class(block, slots)
         self.add_site(SiteSpec("norm", "norm", dim, frozenset({"unfreeze"})),
                       OpHandle("norm", {n: getattr(model, n) for n in ("norm", "fc_norm", "attn_pool")

@@ -61,7 +61,7 @@ from utuning.backbones.hf_text_layers import (
     TextOpHandle,
 )
 from utuning.errors import ConfigError, PlacementError, UnknownNameError, closest
-from utuning.handle import LinearHandle, OpHandle
+from utuning.handle import OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
@@ -316,9 +316,7 @@ class HFTextBackbone(Backbone):
         }
         for name, paths in _LINEARS.items():
             lin = layer.get_submodule(paths[deberta])
-            spec = SiteSpec(f"{p}.{name}", "linear", lin.in_features, frozenset({"reparam", "unfreeze"}),
-                            out_dim=lin.out_features, layer=i, info={"split": 1})
-            slots[name] = self.add_site(spec, LinearHandle(spec.name, lin))
+            slots[name] = self.add_linear_site(f"{p}.{name}", lin, index=i)
         return slots
 
     grad_checkpointing = False

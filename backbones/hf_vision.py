@@ -42,7 +42,7 @@ from utuning.attention import attend, merge_heads, split_heads
 from utuning.backbone import Backbone, Features, refuse
 from utuning.backbones.eva import OP_PLACEMENTS, require
 from utuning.errors import ConfigError, UnknownNameError, closest
-from utuning.handle import LinearHandle, OpHandle
+from utuning.handle import OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
@@ -296,9 +296,7 @@ class HFVisionBackbone(Backbone):
         ffn = _SWIGLU if hasattr(layer.mlp, "gate_proj") else _MLP
         linears |= {site: getattr(layer.mlp, name) for site, name in ffn.items()}
         for name, lin in linears.items():
-            spec = SiteSpec(f"{p}.{name}", "linear", lin.in_features, frozenset({"reparam", "unfreeze"}),
-                            out_dim=lin.out_features, layer=i, info={"split": 1})
-            slots[name] = self.add_site(spec, LinearHandle(spec.name, lin))
+            slots[name] = self.add_linear_site(f"{p}.{name}", lin, index=i)
         return slots
 
     grad_checkpointing = False

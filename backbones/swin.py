@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from utuning.attention import KV, split_heads
 from utuning.backbone import Backbone, Features, refuse
 from utuning.errors import SiteError, UnknownNameError, closest
-from utuning.handle import LinearHandle, OpHandle
+from utuning.handle import OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot
@@ -305,10 +305,8 @@ class SwinBackbone(StagedBackbone):
         if merge is not None:
             layers.append(("downsample.reduction", merge.reduction))
         for name, layer in layers:
-            spec = SiteSpec(f"{p}.{name}", "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
-                            out_dim=layer.out_features, layer=i,
-                            info={"split": 3 if name == "attn.qkv" else 1, "stage": info["stage"]})
-            slots[name] = self.add_site(spec, LinearHandle(spec.name, layer))
+            slots[name] = self.add_linear_site(f"{p}.{name}", layer, index=i, split=3 if name == "attn.qkv" else 1,
+                                               stage=info["stage"])
         return slots
 
     # Running ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from utuning.attention import attend, merge_heads, split_heads
 from utuning.backbone import Backbone, Features, refuse
 from utuning.errors import ConfigError, UnknownNameError, closest
-from utuning.handle import LinearHandle, OpHandle
+from utuning.handle import OpHandle
 from utuning.registry import register_backbone
 from utuning.sites import SiteSpec
 from utuning.slot import Slot, remove_tokens
@@ -228,9 +228,7 @@ class ViTBackbone(Backbone):
                                  ViTOpHandle(f"{p}.mlp", mods_mlp, block.norm2, a)),
         }
         for name, layer in (("attn.qkv", a.qkv), ("attn.proj", a.proj), ("mlp.fc1", block.mlp.fc1), ("mlp.fc2", block.mlp.fc2)):
-            spec = SiteSpec(f"{p}.{name}", "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
-                            out_dim=layer.out_features, layer=i, info={"split": 3 if name == "attn.qkv" else 1})
-            slots[name] = self.add_site(spec, LinearHandle(spec.name, layer))
+            slots[name] = self.add_linear_site(f"{p}.{name}", layer, index=i, split=3 if name == "attn.qkv" else 1)
         return slots
 
     # Running ----------------------------------------------------------------------------

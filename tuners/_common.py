@@ -109,3 +109,14 @@ class AdditiveMerge:
         weight, delta = op.linear.weight, self._delta(op)
         weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
 
+
+@torch.no_grad()
+def start_from_frozen_head(head: nn.Linear, backbone) -> None:
+    """A side tuner's classifier starts as a copy of the backbone's frozen head when the shapes agree
+    (so, e.g., a zero-initialised side path leaves the model's predictions unchanged)."""
+    frozen = backbone.slot("head").handle.modules.get("head") if "head" in backbone.site_names() else None
+    if isinstance(frozen, nn.Linear) and frozen.weight.shape == head.weight.shape:
+        head.weight.copy_(frozen.weight)
+        if frozen.bias is not None and head.bias is not None:
+            head.bias.copy_(frozen.bias)
+

@@ -41,7 +41,7 @@ from utuning.backbone import Features
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import SideTuner
-from utuning.tuners._common import Bottleneck, Scale, choice, positive
+from utuning.tuners._common import Bottleneck, Scale, choice, positive, start_from_frozen_head
 from utuning.tuners.ytuning import layer_features
 
 RES_TUNERS = ("adapter", "prefix")
@@ -113,13 +113,8 @@ class ResTuningBypass(SideTuner):
         nn.init.zeros_(self.head.bias)
 
 
-    @torch.no_grad()
     def on_attach(self, backbone) -> None:
-        head = backbone.slot("head").handle.modules.get("head") if "head" in backbone.site_names() else None
-        if isinstance(head, nn.Linear) and head.weight.shape == self.head.weight.shape:
-            self.head.weight.copy_(head.weight)
-            if head.bias is not None:
-                self.head.bias.copy_(head.bias)
+        start_from_frozen_head(self.head, backbone)
 
     def side_feature(self, feats: Features) -> Tensor:
         """The merged side feature ``z`` (B, D) before the head."""

@@ -11,7 +11,7 @@ from utuning.backbone import Features
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import SideTuner
-from utuning.tuners._common import choice, positive
+from utuning.tuners._common import choice, positive, start_from_frozen_head
 from utuning.tuners.ytuning import layer_features
 
 POOLS = ("first", "mean")
@@ -64,13 +64,8 @@ class LadderSideTuning(SideTuner):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    @torch.no_grad()
     def on_attach(self, backbone) -> None:
-        head = backbone.slot("head").handle.modules.get("head") if "head" in backbone.site_names() else None
-        if isinstance(head, nn.Linear) and head.weight.shape == self.head.weight.shape:
-            self.head.weight.copy_(head.weight)
-            if head.bias is not None:
-                self.head.bias.copy_(head.bias)
+        start_from_frozen_head(self.head, backbone)
 
     def side_feature(self, feats: Features) -> Tensor:
         """The merged feature ``z`` (B, D) before the head."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from utuning.errors import ConfigError, SiteError, UnsupportedModelError, closest
-from utuning.handle import OpHandle
+from utuning.handle import LinearHandle, OpHandle
 from utuning.registry import BACKBONES
 from utuning.sites import SiteSpec, match_sites
 from utuning.slot import Slot
@@ -90,6 +90,14 @@ class Backbone(nn.Module):
         slot = Slot(spec, handle)
         self.slots[_slot_key(spec.name)] = slot
         return slot
+
+    def add_linear_site(self, name: str, layer: nn.Linear, *, index: int | None, split: int = 1,
+                        **info: Any) -> Slot:
+        """A ``linear`` site over a frozen ``nn.Linear`` (reparam and unfreeze placements): ``split``
+        is the number of equal output parts (3 for a fused qkv); ``info`` adds family details."""
+        spec = SiteSpec(name, "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
+                        out_dim=layer.out_features, layer=index, info={"split": split, **info})
+        return self.add_site(spec, LinearHandle(name, layer))
 
     # Sites ------------------------------------------------------------------------------
     def site_specs(self) -> dict[str, SiteSpec]:
