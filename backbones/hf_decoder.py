@@ -219,11 +219,11 @@ class HFDecoderBackbone(Backbone):
         if config.pad_token_id is None and tok is not None:
             config.pad_token_id = tok.pad_token_id
         auto = tf.AutoModelForCausalLM if task == "causal_lm" else tf.AutoModelForSequenceClassification
-        kwargs = {"dtype": DTYPES[dtype], **load}
         if pretrained:
-            net = auto.from_pretrained(model, config=config, ignore_mismatched_sizes=num_classes is not None, **kwargs)
+            net = auto.from_pretrained(model, config=config, ignore_mismatched_sizes=num_classes is not None,
+                                       dtype=DTYPES[dtype], **load)
         else:
-            net = auto.from_config(config, **kwargs)
+            net = auto.from_config(config, dtype=DTYPES[dtype])
         if quantize is not None:
             quantize_linears(net, quantize)
         return cls(net.eval(), tokenizer=tok)
