@@ -19,6 +19,15 @@ Sites (the layers are re-written in ``hf_text_layers``; operations end before re
                                that whole-model patterns (``full_finetune``) fit every backbone
     head                       HF's sequence-classification head on the pooled final states (B, D) -> (B, C)
 
+Prompt layout (``prompt_layout=``): ``"after_cls"`` (default) inserts ``prompt`` tokens at ``embed``
+after the [CLS] token's embedding, with no position of their own. ``"first"`` is HF PEFT's prompt
+tuning (Lester et al. 2021, arXiv 2104.08691): the ``embed`` site's input is the word embeddings
+(B, N, E), prompts go before the first token, and positions, token types (0) and LayerNorm are
+applied over the whole sequence, so the input's positions shift by the prompt length; ``"cls"``
+pooling then reads the first token of that sequence (the first prompt), as HF's head does on it.
+``position_offset=P`` starts the absolute position ids at P: HF's BERT does so when given P
+``past_key_values``, which is how a PEFT prefix-tuning adapter was trained (``utuning.peft_format``).
+
 Pooling (``pooling=``): ``"cls"`` (default, what HF's heads read) is the final state of the first
 token; ``"mean"`` is the mean final state over real tokens (prompts and padding excluded), how
 sentence-transformers models such as all-MiniLM-L6-v2 were trained to be read.
@@ -147,6 +156,7 @@ class TextEmbedHandle(OpHandle):
 
 
 POOLINGS = ("cls", "mean")
+PROMPT_LAYOUTS = ("after_cls", "first")
 
 
 def _check_pooling(pooling: str) -> None:
@@ -191,7 +201,8 @@ class HFTextBackbone(Backbone):
 
     @classmethod
     def create(cls, *, model: str = "bert-base-uncased", num_classes: int | None = None, pretrained: bool = False,
-               tokenizer: bool = True, pooling: str = "cls", **config_overrides: Any) -> HFTextBackbone:
+               tokenizer: bool = True, pooling: str = "cls", prompt_layout: str = "after_cls",
+               position_offset: int = 0, **config_overrides: Any) -> HFTextBackbone:
         """Build an ``AutoModelForSequenceClassification`` and wrap it.
 
         model: a hub name or local folder (its config, weights with ``pretrained=True``, and its
@@ -200,6 +211,7 @@ class HFTextBackbone(Backbone):
         num_classes: classifier outputs (``num_labels``); default the config's.
         tokenizer: load ``AutoTokenizer`` from the same name/folder (never for a bare model type).
         pooling: ``"cls"`` (first token, HF's heads) or ``"mean"`` (over real tokens).
+        prompt_layout, position_offset: see the module docstring (PEFT's prompt and prefix layouts).
         config_overrides: config fields, e.g. ``hidden_size=32, num_hidden_layers=2``; unknown fields fail.
         """
         model, overrides = str(model), dict(config_overrides)
@@ -238,16 +250,26 @@ class HFTextBackbone(Backbone):
             except (OSError, ValueError) as e:
                 raise ConfigError(f"Cannot load a tokenizer for model={model!r}: {e}; pass tokenizer=False "
                                   "to build without one") from e
-        return cls(net, tokenizer=tok, pooling=pooling)
+        return cls(net, tokenizer=tok, pooling=pooling, prompt_layout=prompt_layout, position_offset=position_offset)
 
-    def __init__(self, model: nn.Module, *, tokenizer: Any = None, pooling: str = "cls") -> None:
+    def __init__(self, model: nn.Module, *, tokenizer: Any = None, pooling: str = "cls",
+                 prompt_layout: str = "after_cls", position_offset: int = 0) -> None:
         _check_pooling(pooling)
+        if prompt_layout not in PROMPT_LAYOUTS:
+            raise ConfigError(f"prompt_layout={prompt_layout!r} is not one of {list(PROMPT_LAYOUTS)} "
+                              f"(closest: {closest(str(prompt_layout), PROMPT_LAYOUTS)})")
+        if not isinstance(position_offset, int) or position_offset < 0:
+            raise ConfigError(f"position_offset={position_offset!r} must be an integer >= 0")
         family = _family(model)
         if family is None:
             raise refuse(f"A {type(model).__name__}", f"hf_text wraps the {sorted(FAMILIES)} encoders and their "
                          "*ForSequenceClassification models")
         _check(model, family)  # all checks before anything is modified
+        if family.deberta and (prompt_layout != "after_cls" or position_offset):
+            raise refuse("prompt_layout / position_offset on DeBERTa", "its embeddings take no position offset and "
+                         "its relative attention does not use absolute positions")
         super().__init__(model)
+        self.prompt_layout, self.position_offset = prompt_layout, position_offset
         self.family = family
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -264,7 +286,9 @@ class HFTextBackbone(Backbone):
                                   "rel_norm": getattr(base.encoder, "LayerNorm", None)})
         embed_modules = {k: v for k, v in embed_modules.items() if v is not None}
         features = frozenset({"embed_text"}) if tokenizer is not None else frozenset()
-        spec = SiteSpec("embed", "embed", dim, frozenset({"prompt", "unfreeze"}), prefix_tokens=1, features=features)
+        first = prompt_layout == "first"  # PEFT: prompts are word embeddings before the first token
+        spec = SiteSpec("embed", "embed", base.embeddings.word_embeddings.embedding_dim if first else dim,
+                        frozenset({"prompt", "unfreeze"}), prefix_tokens=0 if first else 1, features=features)
         if tokenizer is not None:
             emb = base.embeddings
             project = getattr(base, "embeddings_project", None) or getattr(emb, "embed_proj", None)
@@ -334,17 +358,17 @@ class HFTextBackbone(Backbone):
         return attention_mask.bool()
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-                layers: list[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-        """Final hidden states (B, N, D), the mask (B, N) and the chosen blocks' outputs, kept prompts removed."""
+                layers: list[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor], Tensor]:
+        """Final hidden states (B, N, D), the mask (B, N), the chosen blocks' outputs (kept prompts
+        removed) and the final state of the sequence's first token (B, D), prompts included."""
         base, n = self.base[0], input_ids.shape[1]
         mask = self._mask(input_ids, attention_mask)
-        if self.family.deberta:
-            x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=mask)
+        if self.prompt_layout == "first":  # (B, N, E) words; prompts go in before positions and LayerNorm
+            x, m = self.slot("embed").around(base.embeddings.word_embeddings(input_ids),
+                                             lambda t, _: self._embed(t, token_type_ids), mask)  # (B, P + N, D)
         else:
-            x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        if hasattr(base, "embeddings_project"):
-            x = base.embeddings_project(x)
-        x, m = self.slot("embed").around(x, lambda t, _: t, mask)  # (B, N [+P], D)
+            x = self._embed(input_ids, token_type_ids, mask)
+            x, m = self.slot("embed").around(x, lambda t, _: t, mask)  # (B, N [+P], D)
         wanted, outs = set(layers), {}
         for i, layer in enumerate(base.encoder.layer):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -354,20 +378,35 @@ class HFTextBackbone(Backbone):
                 x, m = layer(x, m)
             if i in wanted:
                 outs[i] = self._strip(x, n)
+        first = x[:, 0]  # (B, D)
         x = self.slot("norm").apply(self._strip(x, n), lambda t, _: t)
-        return x, mask, outs
+        return x, mask, outs, first
 
-    @staticmethod
-    def _strip(x: Tensor, n_tokens: int) -> Tensor:
-        # Prompts kept past their block (prompt at embed) sit right after [CLS].
-        return remove_tokens(x, x.shape[1] - n_tokens, 1)[0]
+    def _embed(self, tokens: Tensor, token_type_ids: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        """HF's embeddings of token ids (B, N) or of word embeddings (B, P + N, E) -> (B, N', D)."""
+        base = self.base[0]
+        if self.family.deberta:
+            x = base.embeddings(input_ids=tokens, token_type_ids=token_type_ids, mask=mask)
+        elif tokens.is_floating_point():  # prompts were prepended: their token type is 0, as in PEFT
+            if token_type_ids is not None:
+                token_type_ids = nn.functional.pad(token_type_ids, (tokens.shape[1] - token_type_ids.shape[1], 0))
+            x = base.embeddings(inputs_embeds=tokens, token_type_ids=token_type_ids, cache_length=self.position_offset)
+        else:
+            x = base.embeddings(input_ids=tokens, token_type_ids=token_type_ids, cache_length=self.position_offset)
+        return base.embeddings_project(x) if hasattr(base, "embeddings_project") else x
+
+    def _strip(self, x: Tensor, n_tokens: int) -> Tensor:
+        # Prompts kept past their block (prompt at embed) sit right after [CLS], or before it (PEFT's layout).
+        return remove_tokens(x, x.shape[1] - n_tokens, 0 if self.prompt_layout == "first" else 1)[0]
 
     def feature_options(self) -> dict[str, Any]:
-        return {"pooling": self.pooling}
+        layout = {"prompt_layout": self.prompt_layout, "position_offset": self.position_offset}
+        return {"pooling": self.pooling, **{k: v for k, v in layout.items() if v not in ("after_cls", 0)}}
 
-    def pool(self, x: Tensor, mask: Tensor) -> Tensor:  # (B, N, D), (B, N) -> (B, D)
+    def pool(self, x: Tensor, mask: Tensor, first: Tensor | None = None) -> Tensor:  # (B, N, D), (B, N) -> (B, D)
+        """``first``: the final state of the sequence's first token, prompts included (``_encode``)."""
         if self.pooling == "cls":
-            return x[:, 0]
+            return x[:, 0] if first is None else first
         m = mask[..., None].to(x.dtype)  # (B, N, 1)
         return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
@@ -378,8 +417,8 @@ class HFTextBackbone(Backbone):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:  # (B, N) -> (B, C)
-        x, mask, _ = self._encode(input_ids, attention_mask, token_type_ids)
-        return self.head(self.pool(x, mask))
+        x, mask, _, first = self._encode(input_ids, attention_mask, token_type_ids)
+        return self.head(self.pool(x, mask, first))
 
     def intermediates(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       token_type_ids: Tensor | None = None, *, layers: list[int]) -> Features:
@@ -387,8 +426,9 @@ class HFTextBackbone(Backbone):
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise PlacementError(f"Layer {bad[0]} does not exist; this encoder has blocks 0..{self.num_layers - 1}")
-        x, mask, outs = self._encode(input_ids, attention_mask, token_type_ids, list(layers))
-        return Features({i: outs[i] for i in sorted(set(layers))}, x, self.pool(x, mask), mask, {"prefix_tokens": 1})
+        x, mask, outs, first = self._encode(input_ids, attention_mask, token_type_ids, list(layers))
+        return Features({i: outs[i] for i in sorted(set(layers))}, x, self.pool(x, mask, first), mask,
+                        {"prefix_tokens": 1})
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> dict[str, Tensor]:
         """Random token ids with [CLS]-like first token; every second row is padded (3 tokens fewer)."""

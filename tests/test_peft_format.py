@@ -109,10 +109,12 @@ def test_refusals(tmp_path):
     torch.save({}, legacy / "adapter_model.bin")
     with pytest.raises(utuning.ConfigError, match="legacy adapter_model.bin, a pickle"):
         load_peft(copy.deepcopy(base), legacy)
-    (legacy / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    (legacy / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2}))
     (legacy / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(utuning.ConfigError, match="PREFIX_TUNING adapters are not read: .*position ids"):
+    with pytest.raises(utuning.ConfigError, match="The .vit. backbone adapter takes no argument .position_offset."):
         load_peft(copy.deepcopy(base), legacy)
+    with pytest.raises(utuning.ConfigError, match="shift_positions applies to PEFT PREFIX_TUNING adapters, not LORA"):
+        load_peft(copy.deepcopy(base), tmp_path / "ok", shift_positions=True)
     pooler = peft_model(bert_base(), "LoraConfig", {"r": 2, "target_modules": ["pooler.dense"]})
     pooler.save_pretrained(str(tmp_path / "pooler"))
     with pytest.raises(utuning.PlacementError, match="'bert.pooler.dense', which is not a linear site"):
@@ -122,7 +124,8 @@ def test_refusals(tmp_path):
 @pytest.mark.parametrize(("specs", "match"), [
     ([("p_adapter", "blocks.*.attn", {"hidden": 4})], "'p_adapter' at 'blocks.0.attn' has no PEFT form"),
     ([("dual_u_tuner", "blocks.*", {"hidden": 4})], "has no PEFT form"),
-    ([("prompt", "embed", {"tokens": 2})], "'prompt' at 'embed' has no PEFT form: PEFT's prompt tuning"),
+    ([("prompt", "embed", {"tokens": 2})], "read and written on the hf_text backbone only, not a ViTBackbone"),
+    ([("prompt", "embed", {"tokens": 2}), ("lora", QKV, {})], "'prompt' at 'embed' has no PEFT form: PEFT's prompt"),
     ([("lora", QKV, {}), ("ia3", "blocks.*.mlp.fc2", {})], r"one adapter type .*\['IA3', 'LORA'\]"),
     ([("lora", QKV, {}), ("dora", "blocks.*.mlp.fc1", {})], "one use_dora / lora_dropout per adapter"),
     ([("full", "embed", {})], "loose parameters"),
@@ -138,12 +141,100 @@ def test_linear_probe_on_bert_head_is_refused(tmp_path):
         export_peft(ours, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=utuning.ConfigError,
-                   reason="known gap: PEFT prompt/prefix adapters on HF text models are not read yet; PEFT prepends "
-                          "prompts before [CLS] and shifts BERT's position ids under a prefix, which needs a position "
-                          "offset at the text backbone's embed site (docs/from_peft.md)")
-@pytest.mark.parametrize("config", ["PromptTuningConfig", "PrefixTuningConfig"])
-def test_prompt_and_prefix_adapters_are_read(config, tmp_path):
-    theirs = peft_model(bert_base(), config, {"task_type": "SEQ_CLS", "num_virtual_tokens": 3})
+# Prompt learning (utuning.peft_prompts) ---------------------------------------------------------
+def _prefix_reference(theirs, inputs, shift):
+    """HF's own BERT forward with PEFT's prefix as a cache of past keys/values (what PEFT would pass; PEFT 0.21
+    refuses to run it on BERT): positions shifted by the prefix length as HF does, or the input's own."""
+    from transformers import DynamicCache
+
+    past, p = theirs.get_prompt(inputs["input_ids"].shape[0]), theirs.peft_config["default"].num_virtual_tokens
+    model = theirs.get_base_model()
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(past.layers):
+        cache.update(layer.keys, layer.values, i)
+    mask = torch.cat([torch.ones_like(inputs["attention_mask"][:, :p]), inputs["attention_mask"]], dim=1)
+    positions = None if shift else torch.arange(inputs["input_ids"].shape[1])[None]
+    return model(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"], attention_mask=mask,
+                 cache=cache, position_ids=positions).logits
+
+
+@pytest.mark.parametrize("config", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_peft_prompt_tuning_both_ways(config, tmp_path):
+    """PEFT's prompts (and P-tuning's, saved as its encoder's output) go before [CLS] at the word embeddings;
+    PEFT's classifier (modules_to_save) comes along; export writes a PROMPT_TUNING folder PEFT runs equally."""
+    base = bert_base()
+    inputs = padded_inputs(utuning.wrap(copy.deepcopy(base)))
+    theirs = peft_model(base, config, {"task_type": "SEQ_CLS", "num_virtual_tokens": 3})
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = load_peft(copy.deepcopy(base), tmp_path / "theirs").eval()
+    assert ours.backbone.prompt_layout == "first" and {a.tuner.name for a in ours.attached()} == {"prompt", "full"}
+    export_peft(ours, tmp_path / "ours")
+    again = _from_pretrained(base, tmp_path / "ours")
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        assert not torch.allclose(expected, base(**inputs).logits, atol=1e-3)
+        torch.testing.assert_close(ours(**inputs), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(again(**inputs).logits, expected, atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+
+
+def test_our_prompt_to_peft_to_ours_trains_first_token(tmp_path):
+    base = bert_base()
+    backbone = utuning.wrap(copy.deepcopy(base), prompt_layout="first")
+    ours = utuning.tune(backbone, [("prompt", "embed", {"tokens": 2})])
+    inputs = padded_inputs(backbone)
+    ours(**inputs).sum().backward()  # the head reads the first prompt: its gradient is not zero
+    assert ours.backbone.slot("embed").tuners["prompt"].prompts.grad[0, 0].abs().sum() > 0
+    ours.eval()
+    export_peft(ours, tmp_path)
+    theirs, back = _from_pretrained(base, tmp_path), load_peft(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs).logits, ours(**inputs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(**inputs), ours(**inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_peft_prefix_equals_hf_attention_over_the_same_past_keys(shift, tmp_path):
+    base = bert_base()
+    inputs = padded_inputs(utuning.wrap(copy.deepcopy(base)))
+    theirs = peft_model(base, "PrefixTuningConfig", {"task_type": "SEQ_CLS", "num_virtual_tokens": 3})
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = load_peft(copy.deepcopy(base), tmp_path / "theirs", shift_positions=shift).eval()
+    assert ours.backbone.position_offset == (3 if shift else 0)
+    with torch.no_grad():
+        expected = _prefix_reference(theirs, inputs, shift)
+        other = _prefix_reference(theirs, inputs, not shift)
+        assert not torch.allclose(expected, other, atol=1e-3)  # the shift matters
+        torch.testing.assert_close(ours(**inputs), expected, atol=1e-5, rtol=0)
+    if not shift:  # PEFT runs a prefix shifted: an unshifted one has no PEFT form
+        with pytest.raises(utuning.ConfigError, match="shifts the input's positions by its 3 tokens.*position_offset=0"):
+            export_peft(ours, tmp_path / "ours")
+        return
+    export_peft(ours, tmp_path / "ours")
+    again = _from_pretrained(base, tmp_path / "ours")
+    back = load_peft(copy.deepcopy(base), tmp_path / "ours", shift_positions=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_prefix_reference(again, inputs, True), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(**inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_prompt_learning_refusals(tmp_path):
+    base = bert_base()
+    theirs = peft_model(base, "PromptTuningConfig", {"task_type": "SEQ_CLS", "num_virtual_tokens": 2})
     theirs.save_pretrained(str(tmp_path))
-    load_peft(bert_base(), tmp_path)
+    with pytest.raises(utuning.ConfigError, match=r"needs the text backbone built with \{'prompt_layout': 'first'"):
+        load_peft(utuning.wrap(bert_base()), tmp_path)
+    with pytest.raises(utuning.ConfigError, match="shift_positions applies to PREFIX_TUNING adapters"):
+        load_peft(bert_base(), tmp_path, shift_positions=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "num_transformer_submodules": 2}))
+    with pytest.raises(utuning.ConfigError, match="num_transformer_submodules=2"):
+        load_peft(bert_base(), tmp_path)
+    after_cls = utuning.tune(utuning.wrap(bert_base()), [("prompt", "embed", {"tokens": 2})])
+    with pytest.raises(utuning.ConfigError, match="prompt_layout='first' .*prompt_layout='after_cls'"):
+        export_peft(after_cls, tmp_path / "out")
+    some = utuning.tune(utuning.wrap(bert_base(), position_offset=2), [("prefix", "blocks.0.attn", {"tokens": 2})])
+    with pytest.raises(utuning.ConfigError, match=r"keys and values at every layer.*\['blocks.0.attn'\]"):
+        export_peft(some, tmp_path / "out")
+    with pytest.raises(utuning.ConfigError, match=r"prompt_layout='firts' .*closest: \['first'\]"):
+        utuning.wrap(bert_base(), prompt_layout="firts")

@@ -12,8 +12,8 @@ refused by name unless it holds its neutral default.
 
 Kinds: LoRA (``use_dora``, ``use_rslora``, ``rank_pattern``/``alpha_pattern``, PiSSA/OLoRA
 ``init_lora_weights``), IA3, LoHa, LoKr, OFT, LN tuning, VeRA, and ``modules_to_save`` (heads).
-Prompt and prefix tuning are refused: PEFT puts prompts before [CLS] and shifts BERT's position
-ids by the prefix length, which the text backbone does not do yet (see docs/from_peft.md).
+Prompt tuning (and P-tuning's saved prompts) and prefix tuning on HF text encoders are in
+``utuning.peft_prompts`` (PEFT's prompt layout and, on request, its position shift under a prefix).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utuning import peft_prompts as prompts
 from utuning.backbone import Backbone, wrap
 from utuning.errors import ConfigError, PlacementError, StateDictError, UtuningError
 from utuning.model import TunedModel, tune, unwrap
@@ -61,10 +62,11 @@ TENSORS = {  # PEFT tensor suffix -> our tuner attribute
 }
 TUNER_OF = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft", "LN_TUNING": "ln_tuning",
             "VERA": "vera"}
-NO_PEFT_FORM = {  # tuner name -> why it cannot be written as a PEFT adapter
-    "prompt": "PEFT's prompt tuning prepends word embeddings before [CLS]; ours inserts tokens after the class "
-              "tokens at a site, on any backbone",
-    "prefix": "PEFT's prefix tuning passes past key/values that shift BERT's position ids; ours does not",
+NO_PEFT_FORM = {  # tuner name -> why it cannot be written as a PEFT adapter next to other tuners
+    "prompt": "PEFT's prompt tuning is an adapter type of its own (prompt at embed of an hf_text backbone with "
+              "prompt_layout='first', alone or with a trained head)",
+    "prefix": "PEFT's prefix tuning is an adapter type of its own (prefix at every attention of an hf_text backbone, "
+              "alone or with a trained head)",
 }
 
 
@@ -127,11 +129,8 @@ def read_peft_folder(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str,
 
 def _check_fields(config: dict[str, Any]) -> str:
     kind = config.get("peft_type")
-    if kind in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
-        raise ConfigError(f"PEFT {kind} adapters are not read: {NO_PEFT_FORM['prefix' if 'PREFIX' in kind else 'prompt']}"
-                          " (docs/from_peft.md)")
     if kind not in USED:
-        raise ConfigError(f"PEFT type {kind!r} is not supported; supported: {sorted(USED)}")
+        raise ConfigError(f"PEFT type {kind!r} is not supported; supported: {sorted(USED) + list(prompts.KINDS)}")
     for field, value in config.items():
         if field in METADATA or field in USED[kind]:
             continue
@@ -197,11 +196,18 @@ def _group(kind: str, tensors: dict[str, Tensor], index: _Index) -> tuple[dict, 
     return by_path, rest, top
 
 
-def load_peft(model: Backbone | nn.Module, adapter_dir: str | Path) -> TunedModel:
+def load_peft(model: Backbone | nn.Module, adapter_dir: str | Path, *, shift_positions: bool = False) -> TunedModel:
     """Read a PEFT adapter folder onto ``model`` (the same base model PEFT adapted: a timm ViT or an
     HF encoder, raw or wrapped) and return a ``TunedModel`` whose outputs equal PEFT's. LN tuning and
-    ``modules_to_save`` weights are copied into the model's own modules, which become trainable."""
+    ``modules_to_save`` weights are copied into the model's own modules, which become trainable.
+
+    shift_positions: for ``PREFIX_TUNING``, shift the input's absolute positions by the prefix
+        length, as HF's BERT does under PEFT's ``past_key_values`` (``utuning.peft_prompts``)."""
     config, tensors = read_peft_folder(adapter_dir)
+    if config.get("peft_type") in prompts.KINDS:
+        return prompts.load_prompt_learning(model, config, tensors, shift_positions=shift_positions)
+    if shift_positions:
+        raise ConfigError(f"shift_positions applies to PEFT PREFIX_TUNING adapters, not {config.get('peft_type')}")
     kind = _check_fields(config)
     backbone = wrap(model)
     index = _Index(backbone)
@@ -287,7 +293,11 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
     tuned = unwrap(model)
     if any(a.tuner.merged for a in tuned.attached()):
         raise ConfigError("Unmerge the tuners before exporting a PEFT adapter (model.unmerge())")
-    config, tensors = _collect(tuned, _Index(tuned.backbone))
+    if any(a.tuner.name in prompts.TUNERS for a in tuned.attached()) and all(
+            a.tuner.name in (*prompts.TUNERS, "full", "linear_probe") for a in tuned.attached()):
+        config, tensors = prompts.collect_prompt_learning(tuned)
+    else:
+        config, tensors = _collect(tuned, _Index(tuned.backbone))
     config["base_model_name_or_path"] = base_model_name_or_path
     config = _known_fields(config)
     out = Path(out_dir)
