@@ -290,7 +290,7 @@ def search(sweep: Sweep, runner: Runner, method: Method, data: str | None, *, jo
         with warnings.catch_warnings():  # other workers' trials: wait for them (or for their heartbeat to stop)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        time.sleep(10)
+        time.sleep(2)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RunFailed(f"No trial of {method.name} on {data} finished; see the logs under {sweep.out / 'search'}")
     best = study.best_trial
