@@ -188,6 +188,9 @@ def _check(model: nn.Module, family: Family) -> None:
             raise refuse(f"encoder.layer.{i} has extra submodules {sorted(extra)}", "the re-written forward skips them")
         for path, names in (DebertaLayer if family.deberta else TextLayer).READS.items():
             require(layer.get_submodule(path), names, where=f"encoder.layer.{i}.{path}", library="transformers")
+        if family.deberta and layer.attention.self.relative_attention:
+            require(layer.attention.self, DebertaLayer.READS_RELATIVE, where=f"encoder.layer.{i}.attention.self",
+                    library="transformers")
 
 
 @register_backbone("hf_text")

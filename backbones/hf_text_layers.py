@@ -114,8 +114,9 @@ class DebertaLayer(TextLayer):
     """
 
     READS = {**TextLayer.READS, "attention.self": (
-        "query_proj", "key_proj", "value_proj", "num_attention_heads", "dropout", "pos_att_type", "relative_attention",
-        "pos_ebd_size", "pos_dropout", "position_buckets", "max_relative_positions", "share_att_key")}
+        "query_proj", "key_proj", "value_proj", "num_attention_heads", "dropout", "pos_att_type", "relative_attention")}
+    # Read only when the layer has relative attention (HF sets them only then).
+    READS_RELATIVE = ("pos_ebd_size", "pos_dropout", "position_buckets", "max_relative_positions", "share_att_key")
 
     def __init__(self, layer: nn.Module, slots: dict[str, Slot], encoder: nn.Module, conv: nn.Module | None) -> None:
         super().__init__(layer, slots)

@@ -212,8 +212,7 @@ ODD_WIDTH = {"fact": "common width", "oft": "does not divide", "rep_adapter": "m
 
 
 #: Known gaps of zoo tuners on these families (xfail, strict: fixing one makes the test fail).
-GAPS = {"glora": "GLoRA's D scales the layer bias; a layer without one (EVA/BEiT's qkv, whose bias timm keeps apart; "
-                 "EVA-02 B's k_proj) gives D no gradient"}
+GAPS: dict[str, str] = {}
 
 
 #: The RoPE ViT (regular qkv bias, GELU MLP) and EVA-02 B (separate q/k/v, SwiGLU) run the tuners that read

@@ -171,8 +171,7 @@ def check_merge(tuned: utuning.TunedModel, inputs: dict) -> None:
 SWIN_REFUSED = {"prompt": "attention is per window: an inserted token has no window",
                 "conv_lora": "Swin has no convolution sites"}
 # Known gaps of registered tuners on this family, kept visible (strict: a fix makes them fail).
-SWIN_GAPS = {"glora": "GLoRA's bias term D scales the frozen bias; the patch-merging reduction has none, so D gets "
-                      "no gradient (the tuner should drop D, or refuse, on bias-free layers)"}
+SWIN_GAPS: dict[str, str] = {}
 
 
 def zoo_params(gaps: dict[str, str]) -> list:

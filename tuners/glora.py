@@ -69,6 +69,8 @@ class GLoRA(Tuner):
             choice(arg, kind, ok)
         self.A, self.B = Support(a, o, i, rank), Support(b, o, i, rank)
         self.C = Support(c, i, 1, rank)
+        # D scales the frozen bias: on a layer without one it could never learn, so it is left out.
+        d = d if site.info.get("bias", True) else "none"
         self.D, self.E = Support(d, o, 1, rank), Support(e, o, 1, rank)
 
     def _delta(self, w: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

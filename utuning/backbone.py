@@ -94,9 +94,11 @@ class Backbone(nn.Module):
     def add_linear_site(self, name: str, layer: nn.Linear, *, index: int | None, split: int = 1,
                         **info: Any) -> Slot:
         """A ``linear`` site over a frozen ``nn.Linear`` (reparam and unfreeze placements): ``split``
-        is the number of equal output parts (3 for a fused qkv); ``info`` adds family details."""
+        is the number of equal output parts (3 for a fused qkv); ``info`` adds family details
+        (``bias``: whether the layer has a bias, default: read from it)."""
+        info = {"split": split, "bias": layer.bias is not None, **info}
         spec = SiteSpec(name, "linear", layer.in_features, frozenset({"reparam", "unfreeze"}),
-                        out_dim=layer.out_features, layer=index, info={"split": split, **info})
+                        out_dim=layer.out_features, layer=index, info=info)
         return self.add_site(spec, LinearHandle(name, layer))
 
     # Sites ------------------------------------------------------------------------------
