@@ -25,7 +25,14 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "check", "inspect", "list", "report"])
+def _commands() -> list[str]:
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _commands())
 def test_help_of_every_command(capsys, command: str) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
