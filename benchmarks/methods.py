@@ -256,8 +256,10 @@ TEXT_METHODS: dict[str, Callable[[dict], Built]] = {
 def build(job: dict) -> Built:
     """The model, one step's inputs and the trainable parameters of ``job``."""
     methods = VIT_METHODS if job["family"] == "vit" else TEXT_METHODS
+    if job["family"] == "arch":  # Swin, EVA-02, BEiT, ConvNeXt (benchmarks.families)
+        from benchmarks.families import ARCH_METHODS as methods
     built = methods[job["method"]](job)
-    if job["family"] == "vit":
+    if job["family"] in ("vit", "arch"):
         built.args = (torch.randn(job["batch"], 3, job["img"], job["img"]),)
     else:
         built.kwargs = _text_inputs(job)

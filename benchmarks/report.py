@@ -272,6 +272,9 @@ def write_page(out: Path, mode: str) -> Path:
             png = plot_scaling({r["model"]: ratios(r) for r in vits}, out / "plots", key)
             if png:
                 lines += [f"![scaling {key}](plots/{png.name})", ""]
+    from benchmarks.families import section as families_section  # lazy: families reads this module
+
+    lines += families_section(out, mode)
     for extra in ("paired", "cache", "accuracy"):
         lines += _extra_section(out, mode, extra)
     notes = HERE / f"notes_{mode}.md"

@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick [--out DIR]    # CI: small shapes, < 3 minutes on 2 CPU cores
     python -m benchmarks.run --full                 # vit_small + vit_base at batch 32, BERT-base
     python -m benchmarks.run --report-only          # rebuild README.md and plots from stored results
+    python -m benchmarks.run --full --families      # Swin-T, EVA-02-T, BEiT, ConvNeXt-Atto (benchmarks.families)
 
 Results are stored as JSON under ``DIR/results/`` (one file per mode and model, so a full run
 can be done in parts with ``--models``), plots under ``DIR/plots/`` and the page is ``DIR/README.md``.
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int)
     parser.add_argument("--rounds", type=int, default=1, help="measure every job this many times, in alternating "
                         "order, and pool the timed steps (default 1)")
+    parser.add_argument("--families", nargs="*", metavar="KEY", help="only the other vision families "
+                        "(benchmarks.families: Swin-T, EVA-02-T, BEiT, ConvNeXt-Atto): all of them, or these keys")
+    parser.add_argument("--repeats", type=int, help="--families: A B B A repetitions of the paired timings")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     args = parser.parse_args(argv)
 
@@ -166,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = "full" if args.full else "quick"
     out = args.out or (ROOT / "benchmarks" if mode == "full" else ROOT / "runs" / "benchmarks-quick")
     (out / "results").mkdir(parents=True, exist_ok=True)
+    if args.families is not None and not args.report_only:
+        from benchmarks.families import FAMILIES, run_families
+
+        run_families(mode, out, args.families or list(FAMILIES), threads=args.threads, device=args.device,
+                     overrides={"batch": args.batch, "warmup": args.warmup, "iters": args.iters,
+                                "repeats": args.repeats}, rounds=args.rounds)
+        print(f"wrote {write_page(out, mode)}")
+        return 0
     if not args.report_only:
         models = args.models or (FULL_MODELS if mode == "full" else ["vit_small_patch16_224", "bert-base"])
         overrides = {"batch": args.batch, "warmup": args.warmup, "iters": args.iters}

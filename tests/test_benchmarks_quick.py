@@ -92,3 +92,79 @@ def test_full_mode_times_more_forwards_than_train_steps():
     jobs = run.jobs_for("full", "vit_small_patch16_224", threads=2, device="cpu", overrides={"iters": 3})
     assert {j["iters"] for j in jobs if j["mode"] == "train"} == {3}
     assert {j["iters"] for j in jobs if j["mode"] == "infer"} == {3 * run.INFER_ITERS_FACTOR}
+
+
+# Other vision families (issue 12: benchmarks.families) ----------------------------------------
+def _family_job(key: str, method: str, mode: str = "train", img: int = 32) -> dict:
+    return {"family": "arch", "model": key, "method": method, "mode": mode, "batch": 2, "img": img, "classes": 3,
+            "tasks": 1}
+
+
+@pytest.mark.parametrize("key,img", [("convnext_atto", 32), ("eva02_tiny_patch14_224", 28)])
+def test_family_jobs_train_only_their_tuners_and_the_untuned_wrapper_is_the_plain_model(key, img):
+    import torch
+
+    from benchmarks.methods import build
+
+    built = {}
+    for method, mode in [("full_timm", "train"), ("dual_u_tuner", "train"), ("lora", "train"), ("plain_timm", "infer"),
+                         ("plain", "infer")]:
+        torch.manual_seed(0)
+        built[method] = build(_family_job(key, method, mode, img))
+    full = built["full_timm"]
+    assert len(full.trainable) == len(list(full.model.parameters())) and full.total == sum(p.numel() for p in full.trainable)
+    for method in ("dual_u_tuner", "lora"):
+        b = built[method]
+        names = {n for n, p in b.model.named_parameters() if p.requires_grad}
+        assert b.trainable and 0 < sum(p.numel() for p in b.trainable) < full.total / 10, method
+        assert names and all(".tuners." in n for n in names), names  # the tuners' (and the new head's) own
+        b.loss(b.forward()).backward()  # gradients reach the tuner parameters only
+        assert all(p.grad is not None for p in b.trainable)
+        assert all(p.grad is None for p in b.model.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(built["plain"].model(built["plain_timm"].args[0]),
+                                   built["plain_timm"].model(built["plain_timm"].args[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_family_is_a_clear_error(tmp_path):
+    from benchmarks.families import run_families
+    from utuning.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="convnext_atto"):
+        run_families("quick", tmp_path, ["convnext_ato"], threads=1, device="cpu", overrides={})
+
+
+def test_families_section_reports_paired_times_memory_and_the_inference_verdict():
+    from benchmarks import families
+
+    def row(method, mode, t, mib, tunable, load=(1.0, 1.5)):
+        return {"family": "arch", "model": "convnext_atto", "method": method, "mode": mode, "tasks": 1, "status": "ok",
+                "median_s": t, "peak_mib": mib, "tunable": tunable, "total": 1000, "img": 112, "batch": 4,
+                "threads": 2, "device": "cpu", "cores": 2, "load": list(load)}
+
+    def pair(method, ratio, q1, q3, mode="train"):
+        return {"ref": "plain_timm" if mode == "infer" else "full_timm", "method": method, "mode": mode,
+                "ratio": ratio, "q1": q1, "q3": q3}
+
+    def record(key, load, plain):
+        rows = [row("full_timm", "train", 2.0, 100.0, 1000, load), row("dual_u_tuner", "train", 1.0, 20.0, 10, load),
+                row("lora", "train", 1.5, 40.0, 20, load), row("plain_timm", "infer", 0.5, 1.0, 1000, load),
+                row("plain", "infer", 0.51, 1.0, 0, load)]
+        paired = {"status": "ok", "load": list(load), "pairs": [pair("dual_u_tuner", 0.45, 0.4, 0.5),
+                                                                  pair("lora", 0.7, 0.6, 0.8), pair("plain", *plain, "infer")]}
+        return {"mode": "full", "model": key, "started": "x", "wall_s": 60.0, "rows": rows,
+                "paired": {"job": {"repeats": 3}, "result": paired}}
+
+    calm = record("convnext_atto", (1.0, 1.5), (1.01, 1.0, 1.015))
+    busy = record("swin_tiny_patch4_window7_224", (1.0, 9.0), (1.03, 1.01, 1.05))
+    page = "\n".join(families.markdown([calm, busy]))
+    assert "| ConvNeXt-Atto (0.0 M) | 1.00% | 0.45 (0.40–0.50) | 0.20 | 2.00% | 0.70 (0.60–0.80) | 0.40 | " \
+           "1.01 (1.00–1.01) | met |" in page  # a range entirely at or under 1.02
+    assert "| 1.03 (1.01–1.05) | undecided (the interquartile range spans 1.02) |" in page
+    assert "oversubscribed" in page and "1.0–9.0 on 2 cores" in page
+    calm_rows = "\n".join(families.detail_table(calm))
+    busy_rows = "\n".join(families.detail_table(busy))
+    assert "| train | dual_u_tuner | 1.00% | 1.000 | 0.50 | 20 | 0.20 |" in calm_rows
+    assert "| train | dual_u_tuner | 1.00% | 1.000 | – | 20 | 0.20 |" in busy_rows  # per-process time withheld
+    missed = record("convnext_atto", (1.0, 1.5), (1.10, 1.05, 1.2))
+    assert "**missed**" in "\n".join(families.summary_table([missed]))
