@@ -51,8 +51,6 @@ input length, which cannot follow prompt tokens that slots insert.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +63,9 @@ from utuning.backbone import Backbone, Features, refuse
 from utuning.backbones.hf_text_layers import (
     DEBERTA_FEATURE_REFUSAL,
     DEBERTA_REFUSAL,
+    FAMILIES,
     DebertaLayer,
+    Family,
     TextLayer,
     TextOpHandle,
 )
@@ -84,48 +84,6 @@ _LINEARS = {  # site suffix -> (module path in the layer: BERT-style, DeBERTa)
     "attn.proj": ("attention.output.dense", "attention.output.dense"),
     "mlp.fc1": ("intermediate.dense", "intermediate.dense"),
     "mlp.fc2": ("output.dense", "output.dense"),
-}
-
-
-def _bert_head(m: nn.Module, cls: Tensor) -> Tensor:  # (B, D) -> (B, C)
-    return m.classifier(m.dropout(m.bert.pooler(cls[:, None])))
-
-
-def _deberta_head(m: nn.Module, cls: Tensor) -> Tensor:
-    return m.classifier(m.dropout(m.pooler(cls[:, None])))
-
-
-def _classification_head(m: nn.Module, cls: Tensor) -> Tensor:  # RoBERTa / ELECTRA: dense, act, out_proj
-    return m.classifier(cls[:, None])
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between the supported families."""
-
-    base: type  # the encoder model, e.g. BertModel
-    classifier: type  # its sequence-classification model
-    layer: type  # the HF layer class that is re-written
-    head: Callable[[nn.Module, Tensor], Tensor]  # (classifier model, [CLS] (B, D)) -> logits (B, C)
-    head_modules: tuple[str, ...]  # attributes of the classifier model the head consists of
-    deberta: bool = False
-    config_fields: tuple[str, ...] = ()  # fields the family reads with getattr, absent from its config's dict
-
-
-_DEBERTA_FIELDS = ("attention_head_size", "cls_dropout", "conv_act", "conv_groups", "conv_kernel_size", "embedding_size",
-                   "norm_rel_ebd", "position_buckets", "share_att_key", "pooler_hidden_size")
-
-
-FAMILIES: dict[str, Family] = {
-    "bert": Family(tf.BertModel, tf.BertForSequenceClassification, tf.models.bert.modeling_bert.BertLayer,
-                   _bert_head, ("bert.pooler", "classifier")),
-    "roberta": Family(tf.RobertaModel, tf.RobertaForSequenceClassification,
-                      tf.models.roberta.modeling_roberta.RobertaLayer, _classification_head, ("classifier",)),
-    "electra": Family(tf.ElectraModel, tf.ElectraForSequenceClassification,
-                      tf.models.electra.modeling_electra.ElectraLayer, _classification_head, ("classifier",)),
-    "deberta-v2": Family(tf.DebertaV2Model, tf.DebertaV2ForSequenceClassification,
-                         tf.models.deberta_v2.modeling_deberta_v2.DebertaV2Layer, _deberta_head,
-                         ("pooler", "classifier"), deberta=True, config_fields=_DEBERTA_FIELDS),
 }
 
 

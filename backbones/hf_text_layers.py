@@ -15,13 +15,18 @@ added there (He et al. 2022, arXiv 2110.04366, Sec. 3). Linear sites inside them
 
 Every operation takes ``(x, mask)``: x (B, N, D) and the padding mask (B, N) bool, True for real
 tokens (prompt tokens inserted by a slot are real). Padded keys are never attended to.
+
+``FAMILIES`` is the table of what differs between the supported families (keyed by ``model_type``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers as tf
 from torch import Tensor, nn
 
 from utuning.attention import attend, merge_heads, split_heads
@@ -38,6 +43,48 @@ DEBERTA_FEATURE_REFUSAL = {
     "query": "DeBERTa's attention adds relative-position terms (c2p/p2c) to every query-key score, so attention "
              "of its content query over learned position-free keys is not the frozen model's attention",
     "key_value": "prompt tokens projected as DeBERTa keys would have no relative position for the c2p/p2c terms",
+}
+
+
+def _bert_head(m: nn.Module, cls: Tensor) -> Tensor:  # (B, D) -> (B, C)
+    return m.classifier(m.dropout(m.bert.pooler(cls[:, None])))
+
+
+def _deberta_head(m: nn.Module, cls: Tensor) -> Tensor:
+    return m.classifier(m.dropout(m.pooler(cls[:, None])))
+
+
+def _classification_head(m: nn.Module, cls: Tensor) -> Tensor:  # RoBERTa / ELECTRA: dense, act, out_proj
+    return m.classifier(cls[:, None])
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported families."""
+
+    base: type  # the encoder model, e.g. BertModel
+    classifier: type  # its sequence-classification model
+    layer: type  # the HF layer class that is re-written
+    head: Callable[[nn.Module, Tensor], Tensor]  # (classifier model, [CLS] (B, D)) -> logits (B, C)
+    head_modules: tuple[str, ...]  # attributes of the classifier model the head consists of
+    deberta: bool = False
+    config_fields: tuple[str, ...] = ()  # fields the family reads with getattr, absent from its config's dict
+
+
+_DEBERTA_FIELDS = ("attention_head_size", "cls_dropout", "conv_act", "conv_groups", "conv_kernel_size", "embedding_size",
+                   "norm_rel_ebd", "position_buckets", "share_att_key", "pooler_hidden_size")
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family(tf.BertModel, tf.BertForSequenceClassification, tf.models.bert.modeling_bert.BertLayer,
+                   _bert_head, ("bert.pooler", "classifier")),
+    "roberta": Family(tf.RobertaModel, tf.RobertaForSequenceClassification,
+                      tf.models.roberta.modeling_roberta.RobertaLayer, _classification_head, ("classifier",)),
+    "electra": Family(tf.ElectraModel, tf.ElectraForSequenceClassification,
+                      tf.models.electra.modeling_electra.ElectraLayer, _classification_head, ("classifier",)),
+    "deberta-v2": Family(tf.DebertaV2Model, tf.DebertaV2ForSequenceClassification,
+                         tf.models.deberta_v2.modeling_deberta_v2.DebertaV2Layer, _deberta_head,
+                         ("pooler", "classifier"), deberta=True, config_fields=_DEBERTA_FIELDS),
 }
 
 
