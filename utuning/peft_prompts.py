@@ -80,8 +80,8 @@ def load_prompt_learning(model: Backbone | nn.Module, config: dict[str, Any], te
         raise StateDictError(f"The PEFT {kind} adapter holds no {KEY!r} tensor (keys: {sorted(tensors)[:6]})")
     table = tensors[KEY]  # (P, D) prompt tuning, (P, 2*L*D) prefix
     rest = {k.removeprefix("base_model."): t for k, t in tensors.items() if k != KEY}
-    saved = _modules_to_save(rest, config, _Index(backbone))
     index = _Index(backbone)
+    saved = _modules_to_save(rest, config, index)
     head_sites = sorted({index.linear.get(o) or index.holder_site(o) for o in {p.rsplit(".", 1)[0] for p in saved}})
     specs: list[Any] = [("prefix", "blocks.*.attn", {"tokens": tokens}) if prefix else ("prompt", "embed", {"tokens": tokens})]
     specs += [("full", s, {}) for s in head_sites]
