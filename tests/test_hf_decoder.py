@@ -242,6 +242,12 @@ def test_refusals_are_named():
         utuning.tune(HFDecoderBackbone(tiny_decoder("llama")), [("prefix", "blocks.*.mlp", {"tokens": 2})])
     with pytest.raises(UnknownNameError, match="Phi-3 fuses"):
         HFDecoderBackbone.create(model="phi3", pretrained=False)
+    with pytest.raises(UnknownNameError, match="NoPE"):
+        HFDecoderBackbone.create(model="smollm3", pretrained=False)
+    extra = tiny_decoder("llama")
+    extra.model.layers[0].self_attn.gate = torch.nn.Linear(4, 4)  # a part the re-written forward would skip
+    with pytest.raises(UnsupportedModelError, match=r"layers.0 has submodules \['gate'\]"):
+        HFDecoderBackbone(extra)
 
 
 def test_wrap_and_create_pick_the_decoder_adapter():

@@ -30,7 +30,8 @@ import torch
 import transformers as tf
 
 import utuning
-from utuning.backbones.hf_decoder import HFDecoderBackbone, gguf_folder
+from utuning.backbones.hf_decoder import HFDecoderBackbone
+from utuning.backbones.hf_decoder_quant import gguf_folder
 from utuning.data import build_dataset
 from utuning.data.lm import lm_loss
 from utuning.generate import generate_ids
