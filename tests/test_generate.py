@@ -111,3 +111,17 @@ data: {{name: causal_lm, root: {tmp_path}}}
     out = generate_main(recipe, None, ["the cat", "hello"], max_new_tokens=4)
     backbone = HFDecoderBackbone.create(model=str(tmp_path / "model"), pretrained=True)
     assert out == generate(backbone, backbone.tokenizer, ["the cat", "hello"], max_new_tokens=4)  # LoRA B = 0
+
+
+def test_bf16_frozen_model_generates_with_fp32_tuners():
+    backbone = HFDecoderBackbone.create(model="llama", pretrained=False, dtype="bfloat16", vocab_size=100,
+                                        hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, pad_token_id=0)
+    assert backbone.frozen_dtype == torch.bfloat16
+    tuned = utuning.tune(backbone, [("lora", LLAMA_LINEARS, {"rank": 2}), ("prompt", "embed", {"tokens": 2})]).eval()
+    randomize_tuners(tuned)
+    inputs = prompts(backbone)
+    ids = generate_ids(tuned, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=4)
+    with torch.no_grad():  # the first new token is the arg-max of the full forward's last logits
+        first = tuned(**inputs)[:, -1].argmax(-1)
+    assert ids.shape == (3, 4) and torch.equal(ids[:, 0], first)
