@@ -299,7 +299,7 @@ class HFDecoderBackbone(Backbone):
             lin = getattr(parent, attr)
             d_in, d_out = (lin.weight.shape if gpt2 else (lin.in_features, lin.out_features))
             spec = SiteSpec(f"{p}.{name}", "linear", d_in, frozenset({"reparam", "unfreeze"}), out_dim=d_out, layer=i,
-                            info={"split": split})
+                            info={"split": split, "bias": lin.bias is not None})
             slots[name] = self.add_site(spec, DecoderLinearHandle(spec.name, parent, attr))
         return new
 

@@ -342,7 +342,6 @@ def _zoo_cases() -> list:
 
     gaps = {  # known gaps of tuners (not of this backbone), kept visible as strict xfails
         "convpass": "convpass needs a 2-D token grid; a text sequence has none, and it fails at forward, not at attach",
-        "glora": "glora's D (bias) term gets no gradient on Llama's bias-free linears",
     }
     cases = []
     for name in ZOO:

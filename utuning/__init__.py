@@ -18,6 +18,7 @@ from utuning.errors import (
     UnsupportedModelError,
     UtuningError,
 )
+from utuning.generate import generate  # noqa: E402  (the function; the module stays importable as utuning.generate)
 from utuning.handle import LinearHandle, OpHandle
 from utuning.model import TunedModel, expand_specs, tune, unwrap
 from utuning.pretrained import from_pretrained, save_pretrained
@@ -40,6 +41,6 @@ __all__ = [
     "BACKBONES", "COMPOSITIONS", "PLACEMENTS", "TUNERS", "Backbone", "CacheError", "ConfigError", "Features",
     "LinearHandle", "OpHandle", "PlacementError", "Registry", "SideTuner", "SiteError", "SiteSpec", "Slot",
     "StateDictError", "TunedModel", "Tuner", "TunerSpec", "UnknownNameError", "UnsupportedModelError",
-    "UtuningError", "attend", "build_backbone", "expand_specs", "from_pretrained", "save_pretrained", "match_sites", "register_backbone",
-    "register_composition", "register_tuner", "tune", "unwrap", "wrap",
+    "UtuningError", "attend", "build_backbone", "expand_specs", "from_pretrained", "generate", "match_sites",
+    "register_backbone", "register_composition", "register_tuner", "save_pretrained", "tune", "unwrap", "wrap",
 ]

@@ -142,8 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths, overrides = _split(args.items or [])
     if len(paths) > 1:
         raise ConfigError(f"Give at most one recipe file (and KEY=VALUE overrides), got {paths}")
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} \
-        if args.temperature else {}
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "seed": args.seed} if args.temperature else {}
     texts = generate_main(paths[0] if paths else None, args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                           overrides=overrides + list(args.set or []), **sampling)
     for prompt, text in zip(args.prompt, texts):
@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default: greedy)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible samples)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
     p.set_defaults(func=cmd_generate)
 

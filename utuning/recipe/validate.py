@@ -39,6 +39,8 @@ def validate(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, str
             raise fail(key, f"must be >= 1 (or null), got {value}")
     for i, t in enumerate(recipe.tuners):
         _validate_tuner(t, f"tuners.{i}", fail)
+    import utuning.data  # noqa: F401  (data sets register the tasks they define, e.g. causal_lm)
+
     pick("task.type", recipe.task.type, list(TASKS), "task type")
     pick("train.nonfinite", recipe.train.nonfinite, NONFINITE, "choice")
     from utuning.engine.tracking import known_trackers
