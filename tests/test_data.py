@@ -291,7 +291,11 @@ def test_vader_lexicon_counts_and_determinism(tokenizer, tmp_path):
     small = build_dataset("vader_lexicon", split="all", root=str(tmp_path), tokenizer=tokenizer)
     assert small.labels == [1, 0, 0] and small.label_names == ["negative", "positive"]
     before = small.fingerprint()
-    os.utime(lexicon, (1, 1))
+    os.utime(lexicon, (1, 1))  # a new mtime alone (cp, touch) keeps the content: same fingerprint
+    assert build_dataset("vader_lexicon", split="all", root=str(tmp_path), tokenizer=tokenizer).fingerprint() == before
+    stat = lexicon.stat()
+    lexicon.write_text(lexicon.read_text().replace("1.9", "1.8"))  # same size, old mtime (as `cp -p` leaves it)
+    os.utime(lexicon, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert build_dataset("vader_lexicon", split="all", root=str(tmp_path), tokenizer=tokenizer).fingerprint() != before
 
 
