@@ -47,7 +47,7 @@ from utuning.engine.log import MetricsLog, PeakMemory, format_summary, progress
 from utuning.engine.optim import build_optimizer, build_scheduler
 from utuning.engine.run import RunFolder
 from utuning.engine.state import better, rng_state, set_rng_state
-from utuning.errors import DivergedError, InterruptedRun
+from utuning.errors import DivergedError, InterruptedRun, RunError
 from utuning.files import atomic_text
 from utuning.model import unwrap
 from utuning.recipe.io import recipe_to_dict
@@ -118,13 +118,18 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     build_scheduler(build_optimizer(model, recipe.optim), recipe.schedule, total_updates=1, updates_per_epoch=1)
     if t.cache_features:
         check_cacheable(model, [train_ds, eval_ds], t)
-    resume_from, notes = None, []
+    resume_from, notes, refused = None, [], None
     if main:
         extra = ((Path(t.cache_dir).expanduser(), "train.cache_dir"),) if t.cache_features else ()
-        resume_from, notes = folder.claim(recipe, resume=resume, overwrite=overwrite, extra_writable=extra)
-    resume_from = gather_object([str(resume_from) if resume_from else ""])[0] if accelerator.num_processes > 1 \
-        else resume_from
-    resume_from = Path(resume_from) if resume_from else None
+        try:
+            resume_from, notes = folder.claim(recipe, resume=resume, overwrite=overwrite, extra_writable=extra)
+        except RunError as e:
+            refused = e
+    if accelerator.num_processes > 1:  # every process learns the main one's decision (or its refusal)
+        shared = gather_object([(str(resume_from or ""), str(refused) if refused else None)])[0]
+        resume_from, refused = Path(shared[0]) if shared[0] else None, refused or (RunError(shared[1]) if shared[1] else None)
+    if refused is not None:
+        raise refused
     try:
         return _train(recipe, accelerator, model, train_ds, eval_ds, names, num_classes, description, folder,
                       resume_from, notes, on_update)
