@@ -329,3 +329,16 @@ def test_shards_are_bounded_in_bytes(tmp_path):
     assert len(shards) == 5 and max(f.stat().st_size for f in shards) < 0.015 * 2**20 + 4096
     feats, _ = cached.collate([cached[i] for i in range(10)])
     assert feats.layers[1].shape == (10, 17, 32)
+
+
+def test_the_head_is_not_part_of_the_key_but_a_block_is(tmp_path):
+    """A new head is random per seed: seeds must share one entry; any block weight must not."""
+    model, data = side_model(), Images()
+    cache = FeatureCache(tmp_path)
+    first = cache.dataset(model, data)
+    with torch.no_grad():
+        model.backbone.model.head.weight.add_(1.0)
+    assert cache.dataset(model, data).key == first.key and cache.builds == 1
+    with torch.no_grad():
+        model.backbone.model.blocks[0].mlp.fc1.weight.add_(1e-3)
+    assert cache.dataset(model, data).key != first.key and cache.builds == 2

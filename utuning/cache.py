@@ -20,7 +20,7 @@ Entries live in ``root/<key>/``: safetensors shards of at most ``shard_size`` sa
 ``shard_mib`` MiB (so building holds a few shards' worth of features, whatever the data's size), ``manifest.json``
 (shapes, dtypes, per-shard sha256, the fingerprint parts) and ``COMPLETE`` (the manifest's
 sha256), each written to a temporary file and moved with ``os.replace``; ``COMPLETE`` last.
-The key is a sha256 of: the backbone weights (every frozen tensor), the layers read, the data
+The key is a sha256 of: the backbone weights (every frozen tensor but the head's), the layers read, the data
 (``dataset.fingerprint()`` if it exists, else a hash of every sample as the dataset returns it)
 and the transform (``repr`` of ``dataset.transform``), so any change gives a new entry. An entry
 that is partial (no ``COMPLETE``, a missing shard) or corrupt (checksum mismatch, unreadable) is
@@ -271,6 +271,16 @@ def _collate_targets(targets: list[Any]) -> Any:
     return default_collate(targets)
 
 
+def feature_weights(backbone: Any) -> dict[str, Tensor]:
+    """The frozen tensors the features depend on: all but the head sites' (a new head is random
+    per seed and reads only ``pooled``, so it must not give every seed its own cache entry)."""
+    specs = backbone.site_specs()
+    head = {id(p) for name, spec in specs.items() if spec.kind == "head"
+            for _, p in backbone.slot(name).handle.named_parameters()}
+    params = dict(backbone.model.named_parameters(remove_duplicate=False))
+    return {k: v for k, v in backbone.frozen_state_dict().items() if not (k in params and id(params[k]) in head)}
+
+
 class FeatureCache:
     """Frozen features on disk under ``root``, one entry per fingerprint (see the module docs).
 
@@ -308,7 +318,7 @@ class FeatureCache:
             )
         parts = {
             "format": FORMAT,
-            "backbone": f"{type(model.backbone).__name__}:{weights_fingerprint(model.backbone.frozen_state_dict())}",
+            "backbone": f"{type(model.backbone).__name__}:{weights_fingerprint(feature_weights(model.backbone))}",
             "backbone_options": model.backbone.feature_options(),
             "layers": sorted(model.side_layers if layers is None else {int(i) for i in layers}),
             "transform": transform_repr(dataset),
