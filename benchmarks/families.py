@@ -50,6 +50,9 @@ TRAIN = ["full_timm", "dual_u_tuner", "lora"]
 INFER = ["plain_timm", "plain"]
 #: Paired (A, B, mode): B's time over A's, stepped A B B A in one process.
 PAIRS = [("full_timm", "dual_u_tuner", "train"), ("full_timm", "lora", "train"), ("plain_timm", "plain", "infer")]
+#: A forward is a fraction of a train step: the inference pair repeats this many times more often, so
+#: that a ratio near 1.00 can be read at all (as ``benchmarks.run.INFER_ITERS_FACTOR``).
+INFER_REPEATS_FACTOR = 4
 #: Shapes: 2 CPU cores shared with other work; 112x112 images (Swin-T keeps window 7: grids 28/14/7/4).
 SHAPES = {"quick": {"img": 64, "batch": 2, "warmup": 1, "iters": 1, "repeats": 1},
           "full": {"img": 112, "batch": 4, "warmup": 1, "iters": 2, "repeats": 3}}
@@ -100,34 +103,61 @@ def jobs_for(mode: str, key: str, *, threads: int, device: str, overrides: dict)
     return [dict(base, mode="train", method=m) for m in TRAIN] + [dict(base, mode="infer", method=m) for m in INFER]
 
 
+def _paired(jobs: list[dict], kind: str, repeats: int) -> dict:
+    """The ``kind`` ("train" / "infer") pairs of one family in one child process, with the load average
+    before and after and each pair's repetitions."""
+    from benchmarks.speed import run_child
+
+    job = {k: v for k, v in jobs[0].items() if k not in ("mode", "method")}
+    job.update(pairs=[p for p in PAIRS if p[2] == kind], repeats=repeats)
+    load = [os.getloadavg()[0]]
+    result = run_child("benchmarks.paired", job, timeout=3600)
+    result["load"] = [*load, os.getloadavg()[0]]
+    for p in result.get("pairs", []):
+        p.update(repeats=repeats, load=result["load"])
+    print(f"{job['model']} paired {kind}: {result.get('status')}")
+    return result
+
+
 def run_families(mode: str, out: Path, keys: list[str], *, threads: int, device: str, overrides: dict,
-                 rounds: int = 1) -> list[Path]:
+                 rounds: int = 1, methods: list[str] | None = None) -> list[Path]:
     """Measure every family in ``keys`` (speed rows, then the paired timings) and write
-    ``results/families_<mode>_<key>.json`` for each; the written paths."""
+    ``results/families_<mode>_<key>.json`` for each; the written paths. ``methods`` (as ``--methods``)
+    measures only those rows (and ``paired_train`` / ``paired_infer`` / ``paired``: those pairs) and
+    keeps the stored others."""
     import json
 
-    from benchmarks.run import measure_rounds
-    from benchmarks.speed import run_child
+    from benchmarks.run import measure_rounds, merge
     from utuning.errors import UnknownNameError, closest
 
     for key in keys:
         if key not in FAMILIES:
             raise UnknownNameError(f"Unknown benchmark family {key!r}. Did you mean {closest(key, FAMILIES)}? "
                                    f"Known: {sorted(FAMILIES)}")
+    only = set(methods or [])
+    repeats = overrides.get("repeats") or SHAPES[mode]["repeats"]
     paths = []
     for key in keys:
+        path = out / "results" / f"families_{mode}_{key}.json"
+        stored = json.loads(path.read_text()) if only and path.exists() else None
         jobs = jobs_for(mode, key, threads=threads, device=device, overrides=overrides)
         start = time.time()
-        rows = measure_rounds(jobs, rounds)
-        pjob = {**jobs[0], "pairs": PAIRS, "repeats": overrides.get("repeats") or SHAPES[mode]["repeats"]}
-        pjob.pop("mode"), pjob.pop("method")
-        load = [os.getloadavg()[0]]
-        paired = run_child("benchmarks.paired", pjob, timeout=3600)
-        paired["load"] = [*load, os.getloadavg()[0]]
-        print(f"{key} paired: {paired.get('status')}")
+        rows = measure_rounds([j for j in jobs if not only or j["method"] in only], rounds)
+        old = (stored or {}).get("paired", {}).get("result", {}).get("pairs") or []
+        results = {}
+        for kind, factor in (("train", 1), ("infer", INFER_REPEATS_FACTOR)):
+            if not only or {"paired", f"paired_{kind}"} & only:
+                results[kind] = _paired(jobs, kind, repeats * factor)
+        pairs = [p for kind in ("train", "infer") for p in (results[kind].get("pairs", []) if kind in results else
+                                                             [q for q in old if q["mode"] == kind])]
+        bad = [r for r in results.values() if r.get("status") != "ok"]
+        paired = bad[0] if bad else {"status": "ok", "pairs": pairs,
+                                     "load": [x for p in pairs for x in p.get("load", [])]}
         record = {"mode": mode, "model": key, "tag": "", "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
-                  "wall_s": time.time() - start, "rounds": rounds, "rows": rows, "paired": {"job": pjob, "result": paired}}
-        path = out / "results" / f"families_{mode}_{key}.json"
+                  "wall_s": time.time() - start, "rounds": rounds, "rows": rows,
+                  "paired": {"job": {"repeats": repeats, "infer_repeats": repeats * INFER_REPEATS_FACTOR}, "result": paired}}
+        if stored:
+            record = {**(merge(stored, record) if rows else stored), "paired": record["paired"]}
         path.write_text(json.dumps(record, indent=1))
         paths.append(path)
     return paths
@@ -206,7 +236,11 @@ def markdown(records: list[dict]) -> list[str]:
     r0, loads = records[0]["rows"][0], [x for rec in records for x in _loads(rec)]
     cores = r0.get("cores") or os.cpu_count() or 1
     busy = any(oversubscribed(rec) for rec in records)
-    repeats = records[0].get("paired", {}).get("job", {}).get("repeats")
+    def reps(kind: str) -> str:
+        found = {p.get("repeats", rec["paired"].get("job", {}).get("repeats")) for rec in records
+                 for p in rec.get("paired", {}).get("result", {}).get("pairs", []) if p["mode"] == kind}
+        return "/".join(str(x) for x in sorted(found, key=str)) or "–"
+
     lines = ["## Other vision families: Swin, EVA-02, BEiT, ConvNeXt", "",
              f"Random weights, fp32, {r0['img']}×{r0['img']} images, batch {r0['batch']}, "
              f"{r0.get('threads')} torch threads on {r0.get('device', 'cpu')}: shapes shrunk to fit 2 shared CPU cores. "
@@ -218,8 +252,8 @@ def markdown(records: list[dict]) -> list[str]:
              "`p_adapter` beside each block's residual branch. LoRA: rank 8 on the fused `attn.qkv` (one pair, "
              "as the ViT rows); ConvNeXt: on `mlp.fc1` and `mlp.fc2`. Both with a linear head. Full fine-tuning "
              "is the plain timm model with every parameter trained.", "",
-             f"Time ratios are the paired A B B A timings (one process, {repeats} repetitions; median and "
-             "interquartile range); memory ratios are the per-process tensor-byte peaks of one step. "
+             f"Time ratios are the paired A B B A timings (one process; {reps('train')} repetitions of the train "
+             f"pairs, {reps('infer')} of the inference pair; median and interquartile range); memory ratios are the per-process tensor-byte peaks of one step. "
              f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores"
              + (": **the machine was oversubscribed**: the per-process time ratios below are withheld and the "
                 "paired ratios are noisy (read their interquartile ranges)." if busy else "."), ""]

@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         "order, and pool the timed steps (default 1)")
     parser.add_argument("--families", nargs="*", metavar="KEY", help="only the other vision families "
                         "(benchmarks.families: Swin-T, EVA-02-T, BEiT, ConvNeXt-Atto): all of them, or these keys")
-    parser.add_argument("--repeats", type=int, help="--families: A B B A repetitions of the paired timings")
+    parser.add_argument("--repeats", type=int, help="--families: A B B A repetitions of the paired train timings "
+                        "(the inference pair: 4x as many); with --methods, 'paired_train' / 'paired_infer' / "
+                        "'paired' re-measure those pairs only")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     args = parser.parse_args(argv)
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_families(mode, out, args.families or list(FAMILIES), threads=args.threads, device=args.device,
                      overrides={"batch": args.batch, "warmup": args.warmup, "iters": args.iters,
-                                "repeats": args.repeats}, rounds=args.rounds)
+                                "repeats": args.repeats}, rounds=args.rounds, methods=args.methods)
         print(f"wrote {write_page(out, mode)}")
         return 0
     if not args.report_only:
