@@ -275,6 +275,9 @@ def write_page(out: Path, mode: str) -> Path:
     from benchmarks.families import section as families_section  # lazy: families reads this module
 
     lines += families_section(out, mode)
+    from benchmarks.llm import section as llm_section
+
+    lines += llm_section(out, mode)
     for extra in ("paired", "cache", "accuracy"):
         lines += _extra_section(out, mode, extra)
     notes = HERE / f"notes_{mode}.md"

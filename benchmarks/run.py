@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(the inference pair: 4x as many); with --methods, 'paired_train' / 'paired_infer' / "
                         "'paired' re-measure those pairs only")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
+    parser.add_argument("--llm", action="store_true", help="only the decoder-LLM rows (benchmarks.llm: LoRA and "
+                        "prefix on a Llama-shaped model, ours vs PEFT, train and generate)")
     args = parser.parse_args(argv)
 
     from benchmarks.report import write_page
@@ -172,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = "full" if args.full else "quick"
     out = args.out or (ROOT / "benchmarks" if mode == "full" else ROOT / "runs" / "benchmarks-quick")
     (out / "results").mkdir(parents=True, exist_ok=True)
+    if args.llm and not args.report_only:
+        from benchmarks.llm import run_llm
+
+        print(f"wrote {run_llm(mode, out, threads=args.threads)}")
+        print(f"wrote {write_page(out, mode)}")
+        return 0
     if args.families is not None and not args.report_only:
         from benchmarks.families import FAMILIES, run_families
 

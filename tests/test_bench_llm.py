@@ -1,0 +1,51 @@
+"""The decoder-LLM benchmark harness (``benchmarks/llm.py``) on a micro Llama, in this process: ours and
+PEFT's LoRA train the same parameter count, the generation pairs produce the same greedy tokens (the
+timed calls compute what they claim to), and the page section renders verdicts from a record."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.llm import PAIRS, build, generate_step, markdown, paired
+
+MICRO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 64, "vocab_size": 97, "tie_word_embeddings": True, "max_position_embeddings": 64}
+JOB = {"family": "llm", "config": MICRO, "batch": 2, "seq": 8, "prompt": 5, "new": 3, "warmup": 1, "iters": 1,
+       "repeats": 1, "threads": 1}
+
+
+def test_lora_counts_match_peft_and_prefix_follows_the_heads():
+    counts = {m: sum(p.numel() for p in build(dict(JOB, method=m)).trainable)
+              for m in ("lora", "peft_lora", "prefix", "peft_prefix")}
+    assert counts["lora"] == counts["peft_lora"] == 2 * 8 * ((32 + 32) + (32 + 16))  # layers x r x (q: D + D, v: D + kv width)
+    assert counts["prefix"] == 2 * 2 * 10 * 32  # per query head: layers x {k, v} x tokens x D
+    assert counts["peft_prefix"] == 2 * 2 * 10 * 16  # per key-value head (GQA 2 of 4)
+
+
+def test_train_step_loss_is_next_token_cross_entropy():
+    built = build(dict(JOB, method="peft_lora"))
+    out = built.forward()
+    ref = built.model(**built.kwargs, labels=built.labels).loss  # HF's own shifted causal-LM loss
+    torch.testing.assert_close(built.loss(out), ref)
+
+
+def test_paired_generation_and_training_and_the_page():
+    pairs = [p for p in PAIRS if p[:2] in {("plain_hf", "plain"), ("lora_merged", "lora"), ("peft_lora", "lora")}]
+    result = paired(dict(JOB, pairs=pairs))
+    assert result["status"] == "ok" and len(result["pairs"]) == 4  # peft_lora/lora: train and generate
+    by = {(p["ref"], p["method"], p["mode"]): p for p in result["pairs"]}
+    assert [p["same_tokens"] for k, p in by.items() if k[2] == "generate"] == [True] * 3
+    train = by[("peft_lora", "lora", "train")]
+    assert train["ratio"] > 0 and train["q1"] <= train["ratio"] <= train["q3"]
+    step, _ = generate_step(dict(JOB, method="plain"))
+    assert step().shape == (2, 3)
+
+    rows = [{"method": "lora", "status": "ok", "peak_mib": 10.0, "tunable": 8, "total": 100},
+            {"method": "peft_lora", "status": "ok", "peak_mib": 12.0, "tunable": 8, "total": 100},
+            {"method": "prefix", "status": "ok", "peak_mib": 9.0, "tunable": 4, "total": 100},
+            {"method": "peft_prefix", "status": "skipped", "reason": "PEFT x cannot run PrefixTuningConfig"}]
+    record = {"job": JOB, "rows": rows, "paired": result, "started": "now", "wall_s": 60.0, "versions": {}}
+    page = "\n".join(markdown(record))
+    assert "| LoRA q, v rank 8 | 8 / 8 | 10 / 12 | 0.833 |" in page
+    assert "skipped: PEFT x cannot run PrefixTuningConfig" in page
+    assert "unmerged ÷ merged LoRA" in page
