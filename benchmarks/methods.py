@@ -93,6 +93,10 @@ OURS_VIT: dict[str, Callable[[dict], list]] = {
     "ssf": lambda j: [("ssf", ["blocks.*.attn.qkv", "blocks.*.mlp.fc1"], {"init_std": 0.0}), _head(j)],
     # PEFT's IA3 setup on timm (``IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"])``).
     "ia3": lambda j: [("ia3", "blocks.*.attn.qkv"), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}), _head(j)],
+    # Against PEFT's DoRA / VeRA / OFT on the same qkv (``benchmarks.peft_methods``; PEFT_VIT below).
+    "dora": lambda j: [("dora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8, "fused": True}), _head(j)],
+    "vera": lambda j: [("vera", "blocks.*.attn.qkv", {"rank": 256}), _head(j)],
+    "oft": lambda j: [("oft", "blocks.*.attn.qkv", {"block_size": 32, "cayley": "neumann"}), _head(j)],
     "ytuning": lambda j: [_side("ytuning", j)],
     "bypass": lambda j: [_side("bypass", j)],
     # The bypass keeping its side chain's activations (no recomputation): the memory/time trade-off.
@@ -152,11 +156,23 @@ def _timm_floor(job: dict) -> Built:
     return Built(model, trainable=trainable, total=_count(model))
 
 
+#: PEFT's configurations of the methods compared with ours (``OURS_VIT`` of the same name without ``peft_``).
+PEFT_VIT: dict[str, tuple[str, dict]] = {
+    "peft_dora": ("LoraConfig", {"r": 8, "lora_alpha": 8, "use_dora": True}),
+    "peft_vera": ("VeraConfig", {"r": 256}),
+    "peft_oft": ("OFTConfig", {"r": 0, "oft_block_size": 32, "use_cayley_neumann": True}),
+}
+
+
 def _peft_vit(job: dict) -> Built:
+    import peft
     from peft import IA3Config, LoraConfig, get_peft_model
 
     model = _timm(job)
-    if job["method"].startswith("peft_lora"):
+    if job["method"] in PEFT_VIT:
+        cls, kwargs = PEFT_VIT[job["method"]]
+        config = getattr(peft, cls)(target_modules=["qkv"], modules_to_save=["head"], **kwargs)
+    elif job["method"].startswith("peft_lora"):
         config = LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
     else:
         config = IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"], modules_to_save=["head"])
@@ -170,7 +186,7 @@ def _peft_vit(job: dict) -> Built:
 VIT_METHODS: dict[str, Callable[[dict], Built]] = {
     "full_timm": _timm_full, "plain_timm": _timm_full, "floor_timm": _timm_floor,
     **{name: _ours_vit for name in OURS_VIT},
-    "peft_lora": _peft_vit, "peft_lora_merged": _peft_vit, "peft_ia3": _peft_vit,
+    "peft_lora": _peft_vit, "peft_lora_merged": _peft_vit, "peft_ia3": _peft_vit, **dict.fromkeys(PEFT_VIT, _peft_vit),
     "multi_bypass": _ours_vit, "separate_bypass": _ours_vit, "multi_ytuning": _ours_vit, "separate_ytuning": _ours_vit,
 }
 

@@ -47,6 +47,12 @@ TASKS = 3
 #: Paired timings in one process (``benchmarks.paired``): model, shape and repetitions per mode.
 PAIRED = {"quick": {"model": "vit_small_patch16_224", "img": 64, "depth": 4, "batch": 4, "repeats": 2},
           "full": {"model": "vit_small_patch16_224", "img": 224, "depth": None, "batch": 32, "repeats": 3}}
+#: Ours vs PEFT on IA3/DoRA/VeRA/OFT and SSF (``benchmarks.peft_methods``): a vit_small-shaped ViT at a
+#: small image size and batch, memory per process, time paired in one process.
+PEFT_METHODS = {"quick": {"model": "vit_small_patch16_224", "img": 32, "depth": 2, "batch": 2, "repeats": 1,
+                          "warmup": 1, "iters": 1},
+                "full": {"model": "vit_small_patch16_224", "img": 112, "depth": None, "batch": 8, "repeats": 5,
+                         "warmup": 1, "iters": 2}}
 #: An inference step is cheap next to a train step: time this many more of them (ratios near 1.00,
 #: such as merged LoRA over the plain backbone, need the extra samples to be read at all).
 INFER_ITERS_FACTOR = 3
@@ -90,6 +96,12 @@ def paired(mode: str, out: Path, *, threads: int) -> dict:
     """Paired timings in one process (``benchmarks.paired``)."""
     job = {**PAIRED[mode], "family": "vit", "classes": 10, "threads": threads, "device": "cpu", "tasks": 1, "warmup": 1}
     return _section("paired", "benchmarks.paired", job, mode, out)
+
+
+def peft_methods(mode: str, out: Path, *, threads: int) -> dict:
+    """Ours vs PEFT on IA3, DoRA, VeRA, OFT (and SSF against LoRA) (``benchmarks.peft_methods``)."""
+    job = {**PEFT_METHODS[mode], "classes": 10, "threads": threads, "device": "cpu"}
+    return _section("peft_methods", "benchmarks.peft_methods", job, mode, out)
 
 
 def _row_key(row: dict) -> tuple:
@@ -209,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_epochs(mode, out, threads=args.threads)
     if not args.report_only and (not args.methods or "paired" in args.methods):
         paired(mode, out, threads=args.threads)
+    if not args.report_only and ((mode == "full" and not args.methods) or "peft_methods" in (args.methods or [])):
+        peft_methods(mode, out, threads=args.threads)
     page = write_page(out, mode)
     print(f"wrote {page}")
     return 0

@@ -1,0 +1,101 @@
+"""Ours vs HF PEFT on the scaling and orthogonal methods (issue 14, "Memory"): IA3, DoRA, VeRA, OFT,
+and SSF (which PEFT does not have) against LoRA and full fine-tuning, on a vit_small-shaped ViT.
+
+* **Memory**: each configuration's train step in its own child process (``benchmarks.speed``): peak
+  live tensor bytes of the first step under ``torch.profiler`` (activations kept for backward,
+  gradients, AdamW state), the same number in every process.
+* **Time**: in one process, ours and PEFT's stepped A B B A (``benchmarks.paired``), so the ratio
+  is robust to the drift of a shared machine; the table gives the median ratio and its
+  interquartile range. Per-process step times are kept in the JSON but not used.
+
+The same tuner settings on both sides (``benchmarks.methods``: ``OURS_VIT``, ``PEFT_VIT``): DoRA
+rank 8 on the fused qkv (``fused``, PEFT's single pair), VeRA rank 256 on qkv, OFT block size 32 on
+qkv with PEFT's default Cayley-Neumann series, IA3 on qkv outputs and fc2 inputs; every row also
+trains the head. tests/test_peft_equivalence.py checks that both sides compute the same outputs
+for the same weights.
+
+Run: ``python -m benchmarks.run --full --methods peft_methods`` (written to
+``results/peft_methods_full.{json,md}``), or ``python -m benchmarks.peft_methods '<job json>'``;
+``python -m benchmarks.peft_methods --markdown results/peft_methods_full.json`` rebuilds the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+#: (ours, PEFT's or a reference, what the row is about)
+ROWS = [("ia3", "peft_ia3", "IA3 (qkv outputs, fc2 inputs)"), ("dora", "peft_dora", "DoRA r=8 on qkv"),
+        ("vera", "peft_vera", "VeRA r=256 on qkv"), ("oft", "peft_oft", "OFT block 32 on qkv (Neumann)"),
+        ("ssf", "lora", "SSF (qkv, fc1) — no PEFT form: against our LoRA"),
+        ("ia3", "lora", "IA3 against our LoRA")]
+REFERENCES = ["full_timm", "lora", "peft_lora"]
+MEMORY_SLACK = 0.005  # equal tensors, equal bytes: a few hundred bytes of bookkeeping apart is "equal"
+
+
+def _time_verdict(t: dict | None) -> str:
+    """met: median ours ÷ ref ≤ 1; within noise: above 1 but the interquartile range reaches 1; else missed."""
+    if t is None:
+        return "–"
+    return "met" if t["ratio"] <= 1.0 else "within noise" if t["q1"] <= 1.0 else "**missed**"
+
+
+def jobs(job: dict) -> list[dict]:
+    methods = list(dict.fromkeys(REFERENCES + [m for row in ROWS for m in row[:2]]))
+    return [dict(job, family="vit", mode="train", method=m, tasks=1) for m in methods]
+
+
+def run(job: dict) -> dict:
+    from benchmarks.paired import run as paired
+    from benchmarks.speed import measure
+
+    rows = measure(jobs(job), log=lambda line: print(line, file=sys.stderr))
+    pairs = paired(dict(job, family="vit", tasks=1, pairs=[(b, a, "train") for a, b, _ in ROWS]))
+    return {"status": "ok", "rows": rows, "pairs": pairs.get("pairs", [])}
+
+
+def markdown(job: dict, r: dict) -> str:
+    depth = f"{job['depth']} blocks" if job.get("depth") else "all 12 blocks"
+    head = ["## Ours vs HF PEFT: IA3, DoRA, VeRA, OFT, and SSF (issue 14)", "",
+            f"{job['model']} shape (random weights, {depth}), {job['img']}×{job['img']} images, batch "
+            f"{job['batch']} (small, to fit a shared 2-core CPU); fp32; {job['threads']} torch threads. Memory: peak "
+            "live tensor bytes of a train step, each configuration in its own process (exact, the same in every "
+            f"process). Time: ours and the reference in one process, stepped A B B A × {job['repeats']} after "
+            f"{job.get('warmup', 1)} warm-up step(s); the median of (ours ÷ reference) with its interquartile "
+            "range. Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
+            "scaling tuners), no more memory than LoRA.", ""]
+    if r.get("status") != "ok":
+        return "\n".join(head + [f"Pending: {r.get('reason')}", ""])
+    by = {row["method"]: row for row in r["rows"] if row.get("status") == "ok"}
+    times = {(p["method"], p["ref"]): p for p in r["pairs"]}
+    full = by.get("full_timm", {}).get("peak_mib")
+    loads = [x for row in r["rows"] for x in row.get("load", [])]
+    if loads:
+        head[-2] += (f" The 1-minute load average was {min(loads):.1f}–{max(loads):.1f} on {r['rows'][0].get('cores')} "
+                     "cores during the run (other sessions' work): time ratios are noisy, memory is not.")
+    lines = head + ["| method | tunable (ours / ref) | ours (MiB) | reference (MiB) | ours ÷ ref memory | × full FT memory "
+                    "| memory ≤ ref | ours ÷ ref time (IQR) | time ≤ ref |", "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for ours, ref, label in ROWS:
+        a, b, t = by.get(ours), by.get(ref), times.get((ours, ref))
+        if not (a and b):
+            bad = next((row for row in r["rows"] if row["method"] in (ours, ref) and row.get("status") != "ok"), {})
+            lines.append(f"| {label} | | | | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:120]} |")
+            continue
+        mem = a["peak_mib"] / b["peak_mib"]
+        time_cell = f"{t['ratio']:.3f} ({t['q1']:.3f}–{t['q3']:.3f})" if t else "–"
+        lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.1f} | {b['peak_mib']:.1f} | "
+                     f"{mem:.3f} | {a['peak_mib'] / full:.2f} | {'met' if mem <= 1 + MEMORY_SLACK else '**missed**'} | "
+                     f"{time_cell} | {_time_verdict(t)} |" if full else f"| {label} | | | | | | | | no full_timm reference |")
+    refs = ", ".join(f"{m} {by[m]['peak_mib']:.1f} MiB" for m in REFERENCES if m in by)
+    return "\n".join(lines + ["", f"References in the same run: {refs}.", ""])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--markdown":  # rebuild results/peft_methods_<mode>.md from its JSON
+        from pathlib import Path
+
+        path = Path(sys.argv[2])
+        stored = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(stored["job"], stored["result"]))
+    else:
+        print(json.dumps(run(json.loads(sys.argv[1]))))
