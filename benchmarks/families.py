@@ -173,10 +173,13 @@ def _paired_cell(p: dict | None) -> str:
     return "–" if p is None else f"{p['ratio']:.2f} ({p['q1']:.2f}–{p['q3']:.2f})"
 
 
-def _verdict(p: dict | None) -> str:
-    """≤ 1.02 met when the whole interquartile range is at or under it, missed when all of it is above."""
+def _verdict(p: dict | None, busy: bool = False) -> str:
+    """≤ 1.02 met when the whole interquartile range is at or under it, missed when all of it is above;
+    none when the machine was oversubscribed (1-minute load above cores + 1) while the pair ran."""
     if p is None:
         return ""
+    if busy:
+        return "no verdict (oversubscribed)"
     if p["q3"] <= TARGET_INFER:
         return "met"
     return "**missed**" if p["q1"] > TARGET_INFER else "undecided (the interquartile range spans 1.02)"
@@ -185,6 +188,13 @@ def _verdict(p: dict | None) -> str:
 def _loads(record: dict) -> list[float]:
     rows = [x for r in record["rows"] for x in r.get("load", [])]
     return rows + list(record.get("paired", {}).get("result", {}).get("load", []))
+
+
+def _busy(record: dict, pair: dict | None) -> bool:
+    """Whether the load average while ``pair`` (else the record's paired run) ran exceeded cores + 1."""
+    loads = (pair or {}).get("load") or record.get("paired", {}).get("result", {}).get("load") or []
+    cores = record["rows"][0].get("cores") or os.cpu_count() or 1
+    return bool(loads) and max(loads) > cores + 1
 
 
 def summary_table(records: list[dict]) -> list[str]:
@@ -203,7 +213,7 @@ def summary_table(records: list[dict]) -> list[str]:
         lines.append(f"| {fam['label']} ({_f(total / 1e6 if total else None, 1)} M) | {_f(dual.get('tunable', 0) * 100)}% | "
                      f"{_paired_cell(_pair(rec, 'dual_u_tuner'))} | {_f(dual.get('train_mem'))} | "
                      f"{_f(lora.get('tunable', 0) * 100)}% | {_paired_cell(_pair(rec, 'lora'))} | {_f(lora.get('train_mem'))} | "
-                     f"{_paired_cell(plain)} | {_verdict(plain)} |")
+                     f"{_paired_cell(plain)} | {_verdict(plain, _busy(rec, plain))} |")
     return lines
 
 
@@ -256,7 +266,7 @@ def markdown(records: list[dict]) -> list[str]:
              f"pairs, {reps('infer')} of the inference pair; median and interquartile range); memory ratios are the per-process tensor-byte peaks of one step. "
              f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores"
              + (": **the machine was oversubscribed**: the per-process time ratios below are withheld and the "
-                "paired ratios are noisy (read their interquartile ranges)." if busy else "."), ""]
+                "paired ratios are noisy (read their interquartile ranges; no ≤ 1.02 verdict is given)." if busy else "."), ""]
     lines += summary_table(records) + [""]
     for rec in records:
         lines += [f"### {FAMILIES.get(rec['model'], {'label': rec['model']})['label']}: per process", "",
