@@ -72,3 +72,23 @@ def test_cli_import_option_and_unknown_tuner_without_it(plugin_recipe, tmp_path,
     assert code == 2 and "unknown tuner 'example_ia3'" in err
     code, _, err = run(capsys, "check", str(bare), *sets, "--import", str(tmp_path / "new_tuner.py"))
     assert code == 0, err
+
+
+def test_an_installed_distribution_registers_through_its_entry_point(tmp_path, monkeypatch):
+    """A pip-installed extension declares ``[project.entry-points."utuning.tuners"]``; the CLI imports
+    it at start, and only it (a module of the same folder that no entry point names stays unimported)."""
+    site = tmp_path / "site"
+    dist = site / "my_ext-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-ext\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[utuning.tuners]\nmy_ext = my_ext_tuners\n")
+    (site / "my_ext_tuners.py").write_text(
+        "import utuning\n\n@utuning.register_tuner('my_ext_scale')\nclass S(utuning.Tuner):\n"
+        "    '''test tuner (arXiv 2303.00690)'''\n    placement = 'parallel'\n"
+        "    def forward(self, x, op):\n        return x * 0\n")
+    (site / "unrelated.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(TUNERS, "_entries", dict(TUNERS._entries))
+    monkeypatch.setattr(plugins, "_loaded", {})
+    assert "my_ext_tuners" in plugins.load_entry_points()
+    assert "my_ext_scale" in TUNERS and not (tmp_path / "imported").exists()
