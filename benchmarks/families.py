@@ -249,7 +249,7 @@ def markdown(records: list[dict]) -> list[str]:
     def reps(kind: str) -> str:
         found = {p.get("repeats", rec["paired"].get("job", {}).get("repeats")) for rec in records
                  for p in rec.get("paired", {}).get("result", {}).get("pairs", []) if p["mode"] == kind}
-        return "/".join(str(x) for x in sorted(found, key=str)) or "–"
+        return " or ".join(str(x) for x in sorted(found, key=str)) or "–"
 
     lines = ["## Other vision families: Swin, EVA-02, BEiT, ConvNeXt", "",
              f"Random weights, fp32, {r0['img']}×{r0['img']} images, batch {r0['batch']}, "
