@@ -270,7 +270,7 @@ def _time_verdict(p: dict | None) -> str:
 
 def train_table(record: dict) -> list[str]:
     rows = {r["method"]: r for r in record["rows"]}
-    pairs = {(p["ref"], p["method"]): p for p in record["paired"].get("pairs", [])}
+    pairs = {(p["ref"], p["method"]): p for p in record["paired"].get("pairs", []) if p["mode"] == "train"}
     lines = ["| method | tunable, ours / PEFT | peak step memory, ours / PEFT (MiB) | ours ÷ PEFT memory "
              "| ours ÷ PEFT step time (paired, IQR) | memory ≤ PEFT | time ≤ PEFT |", "|---|---|---|---:|---:|---|---|"]
     for ours, label in (("lora", "LoRA q, v rank 8"), ("prefix", "prefix, 10 tokens")):

@@ -40,12 +40,14 @@ def test_paired_generation_and_training_and_the_page():
     step, _ = generate_step(dict(JOB, method="plain"))
     assert step().shape == (2, 3)
 
+    by[("peft_lora", "lora", "generate")].update(ratio=9.99, q1=9.99, q3=9.99)  # distinct from the train pair
     rows = [{"method": "lora", "status": "ok", "peak_mib": 10.0, "tunable": 8, "total": 100},
             {"method": "peft_lora", "status": "ok", "peak_mib": 12.0, "tunable": 8, "total": 100},
             {"method": "prefix", "status": "ok", "peak_mib": 9.0, "tunable": 4, "total": 100},
             {"method": "peft_prefix", "status": "skipped", "reason": "PEFT x cannot run PrefixTuningConfig"}]
     record = {"job": JOB, "rows": rows, "paired": result, "started": "now", "wall_s": 60.0, "versions": {}}
     page = "\n".join(markdown(record))
-    assert "| LoRA q, v rank 8 | 8 / 8 | 10 / 12 | 0.833 |" in page
+    lora_row = next(line for line in page.splitlines() if line.startswith("| LoRA q, v rank 8 | 8 / 8 | 10 / 12 | 0.833 |"))
+    assert f"{train['ratio']:.2f} ({train['q1']:.2f}–{train['q3']:.2f})" in lora_row  # the train pair, not generate's
     assert "skipped: PEFT x cannot run PrefixTuningConfig" in page
     assert "unmerged ÷ merged LoRA" in page
