@@ -105,6 +105,10 @@ class Context:
     decoding: bool = False  # the cache already holds the sequence start: do not insert prompts again
 
 
+# torch >= 2.5: scaled_dot_product_attention takes grouped-query keys/values as they are (enable_gqa).
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, prefixes: list[KV] = (),
                      decomposed: bool = False, dropout_p: float = 0.0, scale: float | None = None) -> Tensor:
     """Attention of q (B, H, Nq, Dh) over k, v (B, H, Nk, Dh) where ``allowed`` (B, 1, Nq, Nk) is
@@ -282,8 +286,12 @@ class DecoderLayer(nn.Module):
             entry = ctx.cache.update(self.index, k, v, pos, mask, prefixes)
             k, v, k_pos, k_valid = entry.k, entry.v, entry.pos, entry.valid
         allowed = visible(pos, k_pos, k_valid, self.window)  # (B, 1, T, T_k)
-        o = causal_attention(q, self.repeat(k), self.repeat(v), allowed, prefixes=prefixes, decomposed=decomposed,
-                             dropout_p=self.attn_dropout_p(), scale=self.scale)
+        if not prefixes and self.groups > 1 and SDPA_GQA:  # grouped keys/values go in unrepeated (no copies kept)
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
+                                               dropout_p=self.attn_dropout_p(), scale=self.scale, enable_gqa=True)
+        else:
+            o = causal_attention(q, self.repeat(k), self.repeat(v), allowed, prefixes=prefixes, decomposed=decomposed,
+                                 dropout_p=self.attn_dropout_p(), scale=self.scale)
         return self.out(merge_heads(o))  # (B, T, D)
 
     def _angles(self, ctx: Context, t: int) -> tuple[Tensor, Tensor]:
