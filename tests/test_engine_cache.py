@@ -80,24 +80,24 @@ def entries(cache: Path) -> set[str]:
 def test_side_tuner_from_cache_equals_live_features_and_reuses_the_cache(tmp_path):
     cache = tmp_path / "cache"
     live = train(tiny_recipe(tmp_path / "live", tuners=YTUNING), data=images())
-    first = train(tiny_recipe(tmp_path / "first", tuners=YTUNING, cache_features=True, cache_dir=str(cache)),
+    first = train(tiny_recipe(tmp_path / "first", tuners=YTUNING, cache_features=True, cache_dtype="float32", cache_dir=str(cache)),
                   data=images())
     assert first["feature_cache"]["built"] == 2 and entries(cache) == set(first["feature_cache"]["entries"])
     assert_same_run(tmp_path / "live", tmp_path / "first", live, first)
 
-    second = train(tiny_recipe(tmp_path / "second", tuners=YTUNING, cache_features=True, cache_dir=str(cache)),
+    second = train(tiny_recipe(tmp_path / "second", tuners=YTUNING, cache_features=True, cache_dtype="float32", cache_dir=str(cache)),
                    data=images())
     assert second["feature_cache"]["built"] == 0  # both splits read from disk, the backbone never ran
     assert second["feature_cache"]["entries"] == first["feature_cache"]["entries"]
     assert entries(cache) == set(first["feature_cache"]["entries"])
     assert_same_run(tmp_path / "first", tmp_path / "second", first, second, tol=0)
-    recipe = tiny_recipe(tmp_path / "second", tuners=YTUNING, cache_features=True, cache_dir=str(cache))
+    recipe = tiny_recipe(tmp_path / "second", tuners=YTUNING, cache_features=True, cache_dtype="float32", cache_dir=str(cache))
     assert evaluate(recipe, tmp_path / "second", data=images()[1]) == pytest.approx(second["final_eval"], abs=1e-6)
 
 
 def test_linear_probe_from_cache_equals_live_features(tmp_path):
     live = train(tiny_recipe(tmp_path / "live", tuners=PROBE), data=images())
-    cached = train(tiny_recipe(tmp_path / "cached", tuners=PROBE, cache_features=True,
+    cached = train(tiny_recipe(tmp_path / "cached", tuners=PROBE, cache_features=True, cache_dtype="float32",
                                cache_dir=str(tmp_path / "cache")), data=images())
     assert cached["feature_cache"]["built"] == 2
     assert_same_run(tmp_path / "live", tmp_path / "cached", live, cached)
@@ -105,7 +105,7 @@ def test_linear_probe_from_cache_equals_live_features(tmp_path):
 
 def test_resume_from_cached_features_matches_an_uninterrupted_run(tmp_path):
     def recipe(out: Path, **train_args) -> Recipe:
-        r = tiny_recipe(out, tuners=YTUNING, cache_features=True, cache_dir=str(tmp_path / "cache"),
+        r = tiny_recipe(out, tuners=YTUNING, cache_features=True, cache_dtype="float32", cache_dir=str(tmp_path / "cache"),
                         checkpoint_every=2, **train_args)
         r.schedule.name = "none"  # the stopped run is shorter; a schedule would give it other rates
         return r
@@ -129,7 +129,7 @@ from tests.test_engine import tiny_recipe
 from tests.test_engine_cache import PROBE, images
 from utuning.engine import train
 
-train(tiny_recipe({out!r}, tuners=PROBE, epochs=1, batch_size=8, cache_features=True, cache_dir={cache!r}), data=images())
+train(tiny_recipe({out!r}, tuners=PROBE, epochs=1, batch_size=8, cache_features=True, cache_dtype="float32", cache_dir={cache!r}), data=images())
 """
 
 
@@ -143,7 +143,7 @@ def test_two_process_ddp_from_cached_features_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["num_processes"] == 2 and ddp["feature_cache"]["built"] == 2  # the main process built both
-    single = train(tiny_recipe(tmp_path / "single", tuners=PROBE, epochs=1, batch_size=8, cache_features=True,
+    single = train(tiny_recipe(tmp_path / "single", tuners=PROBE, epochs=1, batch_size=8, cache_features=True, cache_dtype="float32",
                                cache_dir=cache), data=images())
     assert single["feature_cache"]["built"] == 0
     assert_same_run(tmp_path / "ddp", tmp_path / "single", ddp, single)
@@ -151,7 +151,7 @@ def test_two_process_ddp_from_cached_features_matches_one_process(tmp_path):
 
 def test_tuners_inside_the_backbone_are_refused(tmp_path):
     lora = [TunerConfig(name="lora", at="blocks.*.attn.qkv", args={"rank": 2}), *PROBE]
-    recipe = tiny_recipe(tmp_path / "run", tuners=lora, cache_features=True, cache_dir=str(tmp_path / "cache"))
+    recipe = tiny_recipe(tmp_path / "run", tuners=lora, cache_features=True, cache_dtype="float32", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"train\.cache_features.*blocks\.0\.attn\.qkv\.lora"):
         train(recipe, data=images())
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
@@ -159,7 +159,7 @@ def test_tuners_inside_the_backbone_are_refused(tmp_path):
 
 def test_random_augmentation_needs_cache_augmented_views(tmp_path):
     flip = transforms.RandomHorizontalFlip()
-    recipe = tiny_recipe(tmp_path / "run", tuners=PROBE, epochs=1, cache_features=True,
+    recipe = tiny_recipe(tmp_path / "run", tuners=PROBE, epochs=1, cache_features=True, cache_dtype="float32",
                          cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"RandomHorizontalFlip.*train\.cache_augmented_views: true"):
         train(recipe, data=images(flip))
@@ -229,6 +229,20 @@ def test_ytuning_span_qa_trains_and_evaluates_live_and_cached(tmp_path):
     # Cached text features are padded per shard, not per batch; the key padding mask hides that up
     # to rounding. Weights are not compared: biases whose span scores are shift-invariant over the
     # positions (key biases, the label bias) have zero true gradient, and Adam amplifies the rounding.
-    cached = train(qa_recipe(tmp_path / "cached", cache_features=True, cache_dir=str(tmp_path / "cache")), data=data)
+    cached = train(qa_recipe(tmp_path / "cached", cache_features=True, cache_dtype="float32", cache_dir=str(tmp_path / "cache")), data=data)
     assert cached["feature_cache"]["built"] == 2
     assert_same_run(tmp_path / "live", tmp_path / "cached", live, cached, tol=1e-5, weights=False)
+
+
+def test_float16_cache_is_the_default_and_trains_like_float32(tmp_path):
+    """``train.cache_dtype`` defaults to float16 (half the disk); a run from it ends within rounding of
+    the float32 run, and each run's entry stores its own dtype."""
+    runs = {}
+    for dtype in ("float16", "float32"):
+        recipe = tiny_recipe(tmp_path / dtype, tuners=YTUNING, cache_features=True, cache_dir=str(tmp_path / "cache"))
+        if dtype == "float32":
+            recipe.train.cache_dtype = "float32"
+        assert recipe.train.cache_dtype == dtype
+        runs[dtype] = train(recipe, data=images())
+    assert set(runs["float16"]["feature_cache"]["entries"]).isdisjoint(runs["float32"]["feature_cache"]["entries"])
+    assert runs["float16"]["final_eval"]["loss"] == pytest.approx(runs["float32"]["final_eval"]["loss"], abs=2e-2)

@@ -57,7 +57,9 @@ from torch.utils.data import Dataset, default_collate
 
 from utuning.backbone import Features
 from utuning.errors import CacheError, closest
+from utuning.files import atomic_write, sha256
 from utuning.fingerprint import random_augmentation, seeded, transform_repr, update_hash, weights_fingerprint
+from utuning.tasks import IGNORE_INDEX
 
 FORMAT = 1
 TARGET_KEYS = ("labels", "label", "start_positions", "end_positions")
@@ -87,7 +89,6 @@ def _flat_target(target: Any) -> dict[str, Tensor]:
     return {"target": torch.as_tensor(target)}
 
 
-IGNORE_INDEX = -100  # per-token integer targets are padded with it (cross entropy's ignore_index)
 
 
 def _pad(t: Tensor, n: int, dim: int = 1, fill: float = 0) -> Tensor:
@@ -121,23 +122,6 @@ def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             ts = [_pad(t, n, 1, _fill(k, t)) for t in ts]
         out[k] = torch.cat(ts)
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 #: safetensors dtype names -> torch dtypes (what the cache writes).
@@ -371,7 +355,7 @@ class FeatureCache:
                 file = path / shard["file"]
                 if not file.is_file():
                     raise CacheError(f"shard {shard['file']} is missing")
-                if _sha256(file) != shard["sha256"]:
+                if sha256(file) != shard["sha256"]:
                     raise CacheError(f"shard {shard['file']} fails its sha256 check")
             return manifest
         except (OSError, ValueError, KeyError, CacheError) as e:
@@ -416,8 +400,8 @@ class FeatureCache:
             manifest = {"format": FORMAT, "key": key, "fingerprint": parts, "layers": parts["layers"],
                         "extra": extra, "num_samples": sum(s["count"] for s in shards), "shards": shards}
             raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            _write_atomic(tmp / "manifest.json", raw)
-            _write_atomic(tmp / "COMPLETE", hashlib.sha256(raw).hexdigest().encode())  # written last
+            atomic_write(tmp / "manifest.json", lambda f: f.write_bytes(raw))
+            atomic_write(tmp / "COMPLETE", lambda f: f.write_bytes(hashlib.sha256(raw).hexdigest().encode()))  # written last
             path = self.root / key
             if path.is_dir() and not path.is_symlink():  # the damaged entry this build replaces
                 shutil.rmtree(path)
@@ -450,6 +434,6 @@ class FeatureCache:
         os.close(fd)
         save_file(head, part)
         os.replace(part, tmp / name)
-        shards.append({"file": name, "count": n, "sha256": _sha256(tmp / name),
+        shards.append({"file": name, "count": n, "sha256": sha256(tmp / name),
                        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in head.items()}})
         return [rest] if len(rest["pooled"]) else []

@@ -35,6 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before it replaces the old file (a crash keeps one of them)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

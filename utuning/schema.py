@@ -79,6 +79,7 @@ class TrainConfig:
     cache_features: bool = False  # side tuners / linear probe: reuse frozen features across epochs
     cache_augmented_views: bool = False
     cache_dir: str = ".cache/utuning/features"  # where cached frozen features live (shared across runs)
+    cache_dtype: str = "float16"  # storage of cached features: float16 (half the disk; same predictions), bfloat16, float32
     log_every: int = 10
     checkpoint_every: int | None = None  # steps; None: every epoch
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run at once, or "skip" the update

@@ -73,12 +73,12 @@ def check_cacheable(model: TunedModel, datasets: Sequence[Dataset], train: Train
 def cached_datasets(model: TunedModel, datasets: Sequence[Dataset], collates: Sequence[Callable], train: TrainConfig,
                     *, batch_size: int, device: torch.device | str,
                     main_process_first: Callable[[], AbstractContextManager]) -> tuple[list[FeatureBatches], dict]:
-    """The frozen features of ``datasets`` from ``FeatureCache(train.cache_dir)``, built on
+    """The frozen features of ``datasets`` from ``FeatureCache(train.cache_dir, dtype=train.cache_dtype)``, built on
     ``device`` (the main process first, so the others reuse its entries) or reused, as
     ``FeatureBatches``; and a report ``{"dir", "entries", "built"}`` (built: entries computed now).
     The global RNG states are restored afterwards, so a build and a hit train identically."""
     check_cacheable(model, datasets, train)
-    cache = FeatureCache(train.cache_dir)
+    cache = FeatureCache(train.cache_dir, dtype=train.cache_dtype)
     saved = rng_state()
     try:
         with main_process_first():

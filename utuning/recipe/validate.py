@@ -43,6 +43,7 @@ def validate(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, str
 
     pick("task.type", recipe.task.type, list(TASKS), "task type")
     pick("train.nonfinite", recipe.train.nonfinite, NONFINITE, "choice")
+    pick("train.cache_dtype", recipe.train.cache_dtype, ("float16", "bfloat16", "float32"), "storage dtype")
     from utuning.engine.tracking import known_trackers
 
     for i, name in enumerate(recipe.output.trackers):
