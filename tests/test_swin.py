@@ -312,11 +312,19 @@ def test_side_tuners_read_stage_outputs_and_cache(tmp_path, images):
         assert_only_tuner_grads(tuned, images)
 
 
-@pytest.mark.xfail(strict=True, reason="side tuners size every layer by the first site's width; a hierarchical "
-                                       "model's stages differ (ytuning/bypass would need per-layer widths)")
 def test_side_tuner_across_stages_of_different_widths(images):
-    tuned = utuning.tune(utuning.wrap(tiny_swin()), [("ytuning", "blocks.{1,3}", {"num_labels": 5, "hidden": 8, "heads": 2})])
-    tuned(**images)
+    """Y-tuning projects each chosen block on its own width (stages of a hierarchical model differ), and
+    learns from them; the bypass, whose side chain adds block outputs to each other, is refused by name."""
+    model = tiny_swin()
+    widths = {s.layer: s.dim for s in utuning.wrap(copy.deepcopy(model)).site_specs().values() if s.kind == "block"}
+    assert widths[1] != widths[3]
+    tuned = utuning.tune(utuning.wrap(model), [("ytuning", "blocks.{1,3}", {"num_labels": 5, "hidden": 8, "heads": 2})])
+    out = tuned(**images)
+    assert out.shape == (images["pixel_values"].shape[0], 5) and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in tuned.trainable_parameters())
+    with pytest.raises(utuning.PlacementError, match=r"bypass chains the outputs of blocks of one width; .*stages.3"):
+        utuning.tune(utuning.wrap(tiny_swin()), [("bypass", "blocks.{1,3}", {"num_classes": 5})])
 
 
 def test_build_by_name_and_gradient_checkpointing(images):

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from utuning.attention import merge_heads, split_heads
 from utuning.backbone import Features
+from utuning.errors import PlacementError
 from utuning.registry import register_tuner
 from utuning.sites import SiteSpec
 from utuning.tuner import SideTuner
@@ -105,6 +106,11 @@ class ResTuningBypass(SideTuner):
         self.pool = choice("pool", pool, POOLS)
         self.checkpoint = bool(checkpoint)
         site = self.sites[0]
+        widths = sorted({s.dim for s in self.sites})
+        if len(widths) > 1:  # the side chain adds block outputs of one width (and token count) to each other
+            raise PlacementError(f"bypass chains the outputs of blocks of one width; the selected blocks have widths "
+                                 f"{widths} (stages of a hierarchical backbone): select the blocks of one stage, e.g. "
+                                 "at='stages.3', or use ytuning, which projects each block on its own")
         self.lateral = nn.ModuleList(res_tuner(lateral, site, hidden, tokens, dropout) for _ in self.layers)
         # h_0 = 0, so the first vertical tuner would only add a constant: the chain starts at L_1.
         self.vertical = nn.ModuleList(res_tuner(vertical, site, hidden, tokens, dropout) for _ in self.layers[1:])

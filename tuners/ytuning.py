@@ -181,8 +181,10 @@ class YTuning(SideTuner):
         nn.init.orthogonal_(labels) if num <= dim else nn.init.normal_(labels)
         self.labels = nn.Parameter(separated_rows(labels) if num > 1 else labels * math.sqrt(dim))
         self.label_in = nn.Linear(dim, hidden, bias=False)  # a shared bias would make the labels alike
-        # Each chosen block's features are normalised and projected to the Y-network width.
-        self.memory = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden)) for _ in layers)
+        # Each chosen block's features are normalised and projected to the Y-network width (per block:
+        # the stages of a hierarchical backbone differ in width).
+        widths = {s.layer: s.dim for s in sites}
+        self.memory = nn.ModuleList(nn.Sequential(nn.LayerNorm(widths[i]), nn.Linear(widths[i], hidden)) for i in layers)
         if fusion == "mixture":
             self.mix = nn.Parameter(torch.zeros(len(layers)))
         self.blocks = nn.ModuleList(YLayer(hidden, heads, ffn or 4 * hidden, dropout) for _ in range(depth))
