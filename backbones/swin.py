@@ -79,8 +79,10 @@ def attend_biased(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, prefixes: Se
     ``decomposed`` computes ``(1 - λ)·Attn(Q, K, V; bias) + λ·Attn(Q, K_pre, V_pre)`` (U-Tuning
     Eq. 3-5), which equals the joint form exactly. Returns (..., H, Nq, Dh).
     """
-    if not prefixes:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    if not prefixes:  # timm's own (unfused) window attention, op for op: no copies of q/k/v or the bias
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        probs = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (..., H, Nq, N)
+        return F.dropout(probs, p=dropout_p, training=dropout_p > 0) @ v
     if not decomposed:
         n_pre = sum(p[0].shape[-2] for p in prefixes)
         k = torch.cat([p[0] for p in prefixes] + [k], dim=-2)
