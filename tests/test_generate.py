@@ -95,7 +95,8 @@ def test_generate_text_eos_sampling_and_refusals():
         generate_ids(HFDecoderBackbone(tiny_decoder("llama", "classification")), enc["input_ids"])
 
 
-def test_generate_main_from_a_recipe_and_a_model_folder(tmp_path):
+def gpt2_recipe(tmp_path) -> object:
+    """A tiny GPT-2 with its tokenizer saved as a model folder, and a LoRA recipe over it."""
     tok = tiny_tokenizer()
     hf = tiny_decoder("gpt2")
     hf.resize_token_embeddings(len(tok))
@@ -108,6 +109,11 @@ tuners: [{{name: lora, at: "blocks.*.attn.qkv", args: {{rank: 2, parts: [q, v]}}
 task: {{type: causal_lm}}
 data: {{name: causal_lm, root: {tmp_path}}}
 """)
+    return recipe
+
+
+def test_generate_main_from_a_recipe_and_a_model_folder(tmp_path):
+    recipe = gpt2_recipe(tmp_path)
     out = generate_main(recipe, None, ["the cat", "hello"], max_new_tokens=4)
     backbone = HFDecoderBackbone.create(model=str(tmp_path / "model"), pretrained=True)
     assert out == generate(backbone, backbone.tokenizer, ["the cat", "hello"], max_new_tokens=4)  # LoRA B = 0
