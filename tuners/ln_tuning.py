@@ -21,7 +21,8 @@ def norm_parameters(op: OpHandle) -> dict[str, nn.Parameter]:
         if not isinstance(module, nn.Module):
             continue
         for sub, child in module.named_modules():
-            if isinstance(child, NORMS):
+            # Libraries' own norm classes too (Hugging Face's LlamaRMSNorm, Qwen3RMSNorm, T5LayerNorm...).
+            if isinstance(child, NORMS) or type(child).__name__.endswith(("RMSNorm", "LayerNorm")):
                 prefix = ".".join(p for p in (name, sub) if p)
                 for pname, p in child.named_parameters(recurse=False):
                     found[f"{prefix}.{pname}"] = p
