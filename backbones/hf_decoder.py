@@ -57,7 +57,7 @@ from utuning.backbones.hf_decoder_layers import (
     is_quantised,
 )
 from utuning.backbones.hf_decoder_quant import QUANTIZERS, dequantized, gguf_folder, quantize_linears
-from utuning.backbones.hf_text import TextEmbedHandle
+from utuning.backbones.hf_text import TextEmbedHandle, padded_token_ids
 from utuning.errors import ConfigError, PlacementError, UnknownNameError, closest
 from utuning.handle import OpHandle
 from utuning.registry import register_backbone
@@ -382,14 +382,8 @@ class HFDecoderBackbone(Backbone):
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> dict[str, Tensor]:
         """Random token ids (never the pad id); every second row is right-padded by 3 tokens."""
-        config = self.model.config
-        g = torch.Generator().manual_seed(0)
-        pad = config.pad_token_id if config.pad_token_id is not None else 0
-        ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
-        ids[ids == pad] = (pad + 1) % config.vocab_size
-        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-        mask[1::2, seq_len - 3:] = 0
-        return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
+        ids, mask = padded_token_ids(self.model.config, batch_size, seq_len)
+        return {"input_ids": ids, "attention_mask": mask}
 
     # Quantised weights ------------------------------------------------------------------
     def dequantize(self, dtype: str | torch.dtype | None = None) -> int:

@@ -393,18 +393,23 @@ class HFTextBackbone(Backbone):
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> dict[str, Tensor]:
         """Random token ids with [CLS]-like first token; every second row is padded (3 tokens fewer)."""
-        config = self.model.config
-        g = torch.Generator().manual_seed(0)
-        pad = config.pad_token_id if config.pad_token_id is not None else 0
-        ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
-        ids[ids == pad] = (pad + 1) % config.vocab_size
-        cls_id = getattr(self.tokenizer, "cls_token_id", None)
-        if cls_id is not None:
-            ids[:, 0] = cls_id
-        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-        mask[1::2, seq_len - 3:] = 0
-        ids = ids.masked_fill(mask == 0, pad)
+        ids, mask = padded_token_ids(self.model.config, batch_size, seq_len,
+                                     first=getattr(self.tokenizer, "cls_token_id", None))
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def padded_token_ids(config: Any, batch_size: int, seq_len: int, *, first: int | None = None) -> tuple[Tensor, Tensor]:
+    """Seeded random token ids (never the pad id; ``first`` as every row's first token) and a mask
+    (B, N) in which every second row is right-padded by 3 tokens (padded ids are the pad id)."""
+    g = torch.Generator().manual_seed(0)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    ids[ids == pad] = (pad + 1) % config.vocab_size
+    if first is not None:
+        ids[:, 0] = first
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    mask[1::2, seq_len - 3:] = 0
+    return ids.masked_fill(mask == 0, pad), mask
 
 
 # A tiny config for offline checks and benchmarks: ``create(model="bert", pretrained=False, **TINY)``.

@@ -248,12 +248,7 @@ def load_peft(model: Backbone | nn.Module, adapter_dir: str | Path, *, shift_pos
             raise StateDictError(f"PEFT tensor {key!r} has no counterpart in the loaded model")
         copies.append((getattr(tuners[(vera_sites[0], "vera")].shared, key), t, key))
     copies += [(backbone.model.get_parameter(path), t, path) for path, t in saved_modules.items()]
-    bad = [f"{what}: adapter {tuple(v.shape)} vs model {tuple(t.shape)}" for t, v, what in copies if t.shape != v.shape]
-    if bad:
-        raise StateDictError(f"PEFT tensors that do not fit this model (was the adapter trained on it?): {bad[:6]}")
-    with torch.no_grad():
-        for target, value, _ in copies:
-            target.copy_(value.to(target.dtype))
+    copy_fitting(copies)
     return tuned
 
 
@@ -454,3 +449,14 @@ def _saved_modules(a: Any, index: _Index) -> dict[str, dict[str, Tensor]]:
         raise ConfigError(f"linear_probe at {a.sites[0]!r} replaces {sorted(modules)}, not one linear layer of its "
                           "shape, which PEFT's modules_to_save cannot express; train the head with 'full' instead")
     return {index.path[id(linear[0])]: dict(fc.named_parameters())}
+
+
+def copy_fitting(copies: list[tuple[Tensor, Tensor, str]]) -> None:
+    """Copy each (target, value, what) after checking every shape first: a misfit copies nothing."""
+    bad = [f"{what}: adapter {tuple(v.shape)} vs model {tuple(t.shape)}" for t, v, what in copies if t.shape != v.shape]
+    if bad:
+        raise StateDictError(f"PEFT tensors that do not fit this model (was the adapter trained on it?): {bad[:6]}")
+    with torch.no_grad():
+        for target, value, _ in copies:
+            target.copy_(value.to(target.dtype))
+

@@ -63,7 +63,7 @@ def _backbone(model: Backbone | nn.Module, options: dict[str, Any]) -> Backbone:
 def load_prompt_learning(model: Backbone | nn.Module, config: dict[str, Any], tensors: dict[str, Tensor], *,
                          shift_positions: bool = False) -> TunedModel:
     """``load_peft`` for the kinds in ``KINDS`` (called by it); ``tensors`` as in the folder."""
-    from utuning.peft_format import _Index, _modules_to_save
+    from utuning.peft_format import _Index, _modules_to_save, copy_fitting
 
     _check_fields(config)
     kind, tokens = config["peft_type"], config.get("num_virtual_tokens")
@@ -96,12 +96,7 @@ def load_prompt_learning(model: Backbone | nn.Module, config: dict[str, Any], te
             k, v = _prefix_kv(table, backbone.num_layers, t.shape[1], layer)
             copies += [(t.key, k, f"{KEY} keys of layer {layer}"), (t.value, v, f"{KEY} values of layer {layer}")]
     copies += [(backbone.model.get_parameter(p), t, p) for p, t in saved.items()]
-    bad = [f"{what}: adapter {tuple(v.shape)} vs model {tuple(t.shape)}" for t, v, what in copies if t.shape != v.shape]
-    if bad:
-        raise StateDictError(f"PEFT tensors that do not fit this model (was the adapter trained on it?): {bad[:6]}")
-    with torch.no_grad():
-        for target, value, _ in copies:
-            target.copy_(value.to(target.dtype))
+    copy_fitting(copies)
     return tuned
 
 
