@@ -66,6 +66,7 @@ from utuning.slot import Slot
 
 _OP_PLACEMENTS = frozenset({"parallel", "sequential", "unfreeze"})
 _FEATURES = frozenset({"query", "key_value"})
+_ATTN_FEATURES = frozenset({"rotary_query", "raw_key_value", "out_proj"})  # attn sites (GPT-2: no rotary)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -288,8 +289,10 @@ class HFDecoderBackbone(Backbone):
         kinds = (("block", p, children, _OP_PLACEMENTS | {"prompt"}), ("attn", f"{p}.attn", attn_mods, _OP_PLACEMENTS | {"prefix"}),
                  ("mlp", f"{p}.mlp", mlp_mods, _OP_PLACEMENTS))
         for key, site, mods, places in kinds:
-            slots[key] = self.add_site(SiteSpec(site, key, dim, places, **common),
-                                       DecoderOpHandle(site, mods, new))
+            extra = _ATTN_FEATURES - ({"rotary_query"} if gpt2 else set()) if key == "attn" and common["features"] \
+                else frozenset()
+            spec = SiteSpec(site, key, dim, places, **{**common, "features": common["features"] | extra})
+            slots[key] = self.add_site(spec, DecoderOpHandle(site, mods, new))
         linears = {"attn.qkv": (attn, "c_attn", 3), "attn.proj": (attn, "c_proj", 1), "mlp.fc1": (layer.mlp, "c_fc", 1),
                    "mlp.fc2": (layer.mlp, "c_proj", 1)} if gpt2 else {
             "attn.q": (attn, "q_proj", 1), "attn.k": (attn, "k_proj", 1), "attn.v": (attn, "v_proj", 1),

@@ -238,7 +238,9 @@ class DecoderLinearHandle(OpHandle):
 class DecoderOpHandle(OpHandle):
     """An attn / block operation: frozen query and key/value projections of the operation's
     input (through the pre-attention norm and the linear sites, un-rotated, GQA keys repeated to
-    all heads), as prompt tokens at the start of the sequence get them."""
+    all heads), as prompt tokens at the start of the sequence get them. The attn site also offers
+    the query rotated at the current call's positions, key/value projections without the pre-norm
+    and the output projection's linear part (``adaption_prompt``, LLaMA-Adapter's form)."""
 
     def __init__(self, site: str, modules: dict, layer: nn.Module) -> None:
         super().__init__(site, modules)
@@ -252,6 +254,18 @@ class DecoderOpHandle(OpHandle):
         _, k, v = self.layer.project(self.layer.attn_norm(tokens))
         return self.layer.repeat(k), self.layer.repeat(v)
 
+    def rotary_query(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, Dh), rotated as the layer's queries
+        ctx = self.layer.call_context()
+        cos, sin = self.layer._angles(ctx, x.shape[1])
+        return rotate(self.query(x), cos, sin)
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, D) -> two (B, H, P, Dh), no pre-norm
+        _, k, v = self.layer.project(tokens.to(self.layer.attn_norm_weight().dtype))
+        return self.layer.repeat(k), self.layer.repeat(v)
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # (B, T, H*Dh) -> (B, T, D): W_o without bias
+        return self.layer.out_linear(heads)
+
 
 class DecoderLayer(nn.Module):
     """Shared part of the re-written layers: slots, the block / attn / mlp operations, the cache."""
@@ -263,7 +277,21 @@ class DecoderLayer(nn.Module):
         self.window = window
 
     def forward(self, x: Tensor, mask: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:  # (B, T, D), (B, T)
-        return around(self.slots["block"], x, lambda t, m: self._block(t, m, ctx), mask, ctx)
+        # The call's positions, for ``DecoderOpHandle.rotary_query`` during this call only (gradient
+        # checkpointing re-runs this forward, which sets them again).
+        self._ctx = ctx
+        try:
+            return around(self.slots["block"], x, lambda t, m: self._block(t, m, ctx), mask, ctx)
+        finally:
+            self._ctx = None
+
+    _ctx: Context | None = None
+
+    def call_context(self) -> Context:
+        if self._ctx is None:
+            raise PlacementError(f"Layer {self.index}: the rotary query exists only while the layer runs "
+                                 "(it depends on the call's positions)")
+        return self._ctx
 
     def _block(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         x = x + self.slots["attn"].apply(x, lambda t, m: self._attn_op(t, m, ctx), mask)
@@ -348,6 +376,10 @@ class LlamaLayer(DecoderLayer):
     def out(self, o: Tensor) -> Tensor:
         return self.slots["attn.proj"].linear(o, self.self_attn.o_proj)
 
+    def out_linear(self, heads: Tensor) -> Tensor:  # (B, T, H*Dh) -> (B, T, D): the frozen o_proj, no bias
+        o = self.self_attn.o_proj
+        return o(heads) if o.bias is None else F.linear(heads, o.weight)
+
     def _mlp_op(self, x: Tensor) -> Tensor:
         m, s = self.mlp, self.slots
         h = self.post_attention_layernorm(x)
@@ -380,6 +412,9 @@ class GPT2Layer(DecoderLayer):
 
     def out(self, o: Tensor) -> Tensor:
         return self.attn.resid_dropout(self.slots["attn.proj"].linear(o, self.attn.c_proj))
+
+    def out_linear(self, heads: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D): Conv1D's (in, out) weight, no bias
+        return heads @ self.attn.c_proj.weight.to(heads.dtype)
 
     def _mlp_op(self, x: Tensor) -> Tensor:
         m, s = self.mlp, self.slots

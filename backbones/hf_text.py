@@ -51,6 +51,7 @@ input length, which cannot follow prompt tokens that slots insert.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from utuning.backbone import Backbone, Features, refuse
+from utuning.backbones.hf_export import HFFolderExport
 from utuning.backbones.hf_text_layers import (
     DEBERTA_FEATURE_REFUSAL,
     DEBERTA_REFUSAL,
@@ -152,7 +154,7 @@ def _check(model: nn.Module, family: Family) -> None:
 
 
 @register_backbone("hf_text")
-class HFTextBackbone(Backbone):
+class HFTextBackbone(HFFolderExport, Backbone):
     """BERT / RoBERTa / ELECTRA / DeBERTa-v2 encoders with sites embed, blocks.{i}[.attn|.mlp][.q|.k|.v|.proj|
     .fc1|.fc2], norm, head. ``forward(input_ids, attention_mask=None, token_type_ids=None)`` -> logits (B, C)."""
 
@@ -294,7 +296,8 @@ class HFTextBackbone(Backbone):
         slots = {
             "block": self.add_site(SiteSpec(p, "block", dim, _OP_PLACEMENTS | {"prompt"}, **common),
                                    handle(p, mods_block)),
-            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, attn_places, **common),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, attn_places, **{**common, "features": common.get(
+                "features", frozenset()) | (frozenset() if deberta else {"raw_key_value", "out_proj"})}),
                                   handle(f"{p}.attn", mods_attn)),
             "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, _OP_PLACEMENTS, **common),
                                  handle(f"{p}.mlp", mods_mlp)),
@@ -359,6 +362,21 @@ class HFTextBackbone(Backbone):
     def _strip(self, x: Tensor, n_tokens: int) -> Tensor:
         # Prompts kept past their block (prompt at embed) sit right after [CLS], or before it (PEFT's layout).
         return remove_tokens(x, x.shape[1] - n_tokens, 0 if self.prompt_layout == "first" else 1)[0]
+
+    def export_native(self, out: Path, tensors: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None) -> list[str]:
+        """The ``from_pretrained`` folder (``HFFolderExport``). Refused with ``position_offset`` (HF's
+        forward would not shift the positions); a note says when ``pooling="mean"`` (HF's heads read
+        the first token) differs from the model's own head."""
+        if self.position_offset:
+            raise ConfigError(f"position_offset={self.position_offset} shifts the absolute positions, which the "
+                              "exported HF model would not do, so its outputs would differ; export with "
+                              "--format pretrained or peft instead")
+        notes = super().export_native(out, tensors, metadata)
+        if self.pooling != "cls":
+            notes.append(f"pooling={self.pooling!r} is not part of the HF model: its head reads the first token; "
+                         "average last_hidden_state over real tokens for the features this run used")
+        return notes
 
     def feature_options(self) -> dict[str, Any]:
         layout = {"prompt_layout": self.prompt_layout, "position_offset": self.position_offset}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers as tf
 from torch import Tensor, nn
 
@@ -103,6 +104,11 @@ class TextOpHandle(OpHandle):
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, D) -> two (B, H, P, Dh)
         s = self.attn_self
         return split_heads(s.key(tokens), s.num_attention_heads), split_heads(s.value(tokens), s.num_attention_heads)
+
+    raw_key_value = key_value  # post-LN: the projections have no pre-norm to skip
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H*Dh) -> (B, N, D), W_o without bias
+        return F.linear(heads, self.modules["attention"].output.dense.weight)
 
 
 class TextLayer(nn.Module):

@@ -51,17 +51,23 @@ class ViTOpHandle(OpHandle):
         self.norm = norm
         self.attn = attn
 
-    def _project(self, x: Tensor, index: int) -> Tensor:
+    def _project(self, x: Tensor, index: int, norm: bool = True) -> Tensor:
         a = self.attn
         w = a.qkv.weight[index * a.attn_dim : (index + 1) * a.attn_dim]
         b = None if a.qkv.bias is None else a.qkv.bias[index * a.attn_dim : (index + 1) * a.attn_dim]
-        return split_heads(F.linear(self.norm(x), w, b), a.num_heads)  # (B, H, N, Dh)
+        return split_heads(F.linear(self.norm(x) if norm else x, w, b), a.num_heads)  # (B, H, N, Dh)
 
     def query(self, x: Tensor) -> Tensor:
         return self.attn.q_norm(self._project(x, 0))
 
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         return self.attn.k_norm(self._project(tokens, 1)), self._project(tokens, 2)
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # attn sites: no norm1
+        return self.attn.k_norm(self._project(tokens, 1, norm=False)), self._project(tokens, 2, norm=False)
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H*Dh) -> (B, N, D), ls1 ∘ W_o without bias
+        return self.modules["ls1"](F.linear(heads, self.attn.proj.weight))
 
 
 class ViTBlock(nn.Module):
@@ -114,6 +120,12 @@ MODEL_ATTRS = ("blocks", "embed_dim", "num_prefix_tokens", "num_features", "patc
 PATCH_ATTRS = ("patch_size", "grid_size", "img_size", "proj", "dynamic_feat_size")
 ATTN_ATTRS = ("qkv", "num_heads", "attn_dim", "q_norm", "k_norm", "attn_drop", "scale", "norm", "proj", "proj_drop")
 MLP_ATTRS = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+
+
+def _attn_features(attn: Attention) -> frozenset[str]:
+    """``out_proj`` / ``raw_key_value`` of attn sites (``adaption_prompt``): W_o is linear in the heads
+    only without timm's optional head norm (``scale_norm``)."""
+    return frozenset({"raw_key_value", "out_proj"} if type(attn.norm) is nn.Identity else {"raw_key_value"})
 
 
 def _check_block(i: int, block: nn.Module) -> None:
@@ -222,7 +234,8 @@ class ViTBackbone(Backbone):
         slots = {
             "block": self.add_site(SiteSpec(p, "block", dim, _OP_PLACEMENTS | {"prompt"}, **common),
                                    ViTOpHandle(p, {**mods_attn, **mods_mlp}, block.norm1, a)),
-            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, _OP_PLACEMENTS | {"prefix"}, **common),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, _OP_PLACEMENTS | {"prefix"}, **{**common, "features":
+                                  common["features"] | _attn_features(a)}),
                                   ViTOpHandle(f"{p}.attn", mods_attn, block.norm1, a)),
             "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, _OP_PLACEMENTS, **common),
                                  ViTOpHandle(f"{p}.mlp", mods_mlp, block.norm2, a)),

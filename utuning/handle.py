@@ -41,6 +41,24 @@ class OpHandle:
         """Frozen key/value projections of tokens entering the attention: -> two (B, H, P, Dh)."""
         raise PlacementError(f"Site {self.site!r} offers no frozen key/value projections")
 
+    def rotary_query(self, x: Tensor) -> Tensor:
+        """``query`` rotated as the block's own queries are at the current call's positions, where the
+        rotary angles change from call to call (decoders): (B, N, D) -> (B, H, N, Dh) — feature
+        ``rotary_query``. Sites without it have no such positions (or ``query`` already carries them)."""
+        raise PlacementError(f"Site {self.site!r} offers no rotary query (handle entry 'rotary_query')")
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen key/value projections of tokens placed directly in the attention's input, skipping
+        the operation's pre-norm: -> two (B, H, P, Dh) — feature ``raw_key_value``."""
+        raise PlacementError(f"Site {self.site!r} offers no key/value projections without its pre-norm "
+                             "(handle entry 'raw_key_value')")
+
+    def out_proj(self, heads: Tensor) -> Tensor:
+        """The linear part of the frozen map from an attention's merged heads to the operation's
+        output (W_o without its bias): (B, N, H*Dh) -> (B, N, D), so ``OP(x) + out_proj(u)`` adds
+        ``u`` to the heads before W_o — feature ``out_proj``."""
+        raise PlacementError(f"Site {self.site!r} offers no frozen output projection (handle entry 'out_proj')")
+
     @property
     def linear(self) -> nn.Linear:
         """The frozen linear layer of a linear site."""
