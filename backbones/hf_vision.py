@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from utuning.attention import attend, merge_heads, split_heads
 from utuning.backbone import Backbone, Features, refuse
 from utuning.backbones.eva import OP_PLACEMENTS, require
+from utuning.backbones.hf_export import HFFolderExport
 from utuning.errors import ConfigError, UnknownNameError, closest
 from utuning.handle import OpHandle
 from utuning.registry import register_backbone
@@ -191,7 +192,7 @@ def _check(base: nn.Module, family: Family) -> None:
 
 
 @register_backbone("hf_vision")
-class HFVisionBackbone(Backbone):
+class HFVisionBackbone(HFFolderExport, Backbone):
     """HF ViT / DINOv2 / CLIP / SigLIP vision encoders with the ViT adapter's sites (q/k/v separate).
     ``forward(pixel_values)`` -> logits (classifier models) or pooled features (B, D)."""
 

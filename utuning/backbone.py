@@ -12,9 +12,11 @@ import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from utuning.errors import ConfigError, SiteError, UnsupportedModelError, closest
@@ -120,6 +122,23 @@ class Backbone(nn.Module):
     def frozen_state_dict(self) -> dict[str, Tensor]:
         """The original model's state dict (same keys as before wrapping)."""
         return self.model.state_dict()
+
+    #: What ``export_native`` writes (``utuning export --out``): ``"file"`` or ``"folder"`` (``utuning.export``).
+    native_export = "file"
+
+    def export_native(self, out: Path, tensors: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None) -> list[str]:
+        """Write merged frozen weights (``tensors``: the keys of ``frozen_state_dict``) in the form
+        the family's own library loads, and return notes for the user (what else was written).
+
+        Default (``native_export = "file"``): one safetensors file of the original model's state
+        dict at ``out``, e.g. for ``timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=out))``. An adapter whose library loads folders sets
+        ``native_export = "folder"`` and writes into the empty folder ``out`` (Hugging Face:
+        ``from_pretrained``). The caller checks ``out`` and renames the result into place
+        (``utuning.export``), so this only writes."""
+        save_file(dict(tensors), str(out), metadata=dict(metadata or {}))
+        return []
 
     def feature_options(self) -> dict[str, Any]:
         """Settings besides the weights that change ``intermediates`` (e.g. how ``pooled`` is

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from utuning import plugins
 from utuning.errors import ConfigError, DivergedError, RunError, StateDictError
-from utuning.files import atomic_text, atomic_write, load_tree, save_tree, verify, write_checksums
+from utuning.export import BackboneExport, check_target, fold_heads, write_atomically
+from utuning.files import atomic_text, load_tree, save_tree, verify, write_checksums
 from utuning.model import TunedModel
 from utuning.recipe.io import recipe_from_dict, recipe_to_dict, recipe_yaml
 from utuning.schema import Recipe
@@ -273,16 +274,22 @@ def load_tuned(checkpoint: str | Path) -> TunedModel:
     return model.eval()
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path) -> list[str]:
-    """Fold a checkpoint's tuners into the frozen weights and save the backbone model's state dict
-    (the original model's keys, e.g. a timm or Hugging Face state dict) as safetensors, atomically.
+def export_backbone(checkpoint: str | Path, out: str | Path) -> BackboneExport:
+    """Fold a checkpoint's tuners into the frozen weights and write them in the form the backbone's
+    own library loads (``Backbone.export_native``): one safetensors file of the original state dict
+    (timm; ``--out FILE``) or a ``from_pretrained`` folder (Hugging Face; ``--out DIR``, new or
+    empty). Written atomically; see ``utuning.export`` for how ``out`` is checked.
 
-    Only full fine-tuning (``unfreeze``) and mergeable reparameterisations (LoRA, SSF, BitFit) fold
-    into the weights; tuners that live beside them (adapters, prompts, prefixes, side tuners) are
-    refused. Tuners at the head are not part of the backbone's weights: their keys are returned,
-    and their weights stay in the checkpoint's ``tuner.safetensors``."""
+    Only full fine-tuning (``unfreeze``) and mergeable reparameterisations (LoRA, SSF, BitFit...)
+    fold into the weights; tuners that live beside them (adapters, prompts, prefixes, side tuners)
+    are refused. A head tuner that is exactly one linear layer replacing a head that is one linear
+    layer of its shape (``linear_probe`` on a timm ViT or an HF image classifier) is written into
+    that head; other head tuners are left out, each with the reason, and their weights stay in the
+    checkpoint's ``tuner.safetensors``."""
     model = load_tuned(checkpoint)
-    specs = model.backbone.site_specs()
+    backbone = model.backbone
+    path = check_target(out, backbone.native_export, backbone.name)
+    specs = backbone.site_specs()
     folded = [a.key for a in model.attached() if a.tuner.placement in ("unfreeze", "reparam")]
     at_head = [a.key for a in model.attached()
                if a.key not in folded and a.handle is not None and specs[a.sites[0]].kind == "head"]
@@ -293,11 +300,11 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> list[str]:
             "them; only full fine-tuning and mergeable tuners (lora, ssf, bitfit) export as backbone weights"
         )
     model.merge()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.backbone.frozen_state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.frozen_state_dict().items()}
+    heads, left = fold_heads(model, at_head, tensors)
     bad = nonfinite(tensors)
     if bad:
         raise DivergedError(f"Checkpoint {checkpoint}: merged weights {bad[:3]} are not finite; nothing written")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(checkpoint)}))
-    return at_head
+    metadata = {"format": "pt", "source": str(checkpoint)}
+    notes = write_atomically(path, backbone.native_export, lambda tmp: backbone.export_native(tmp, tensors, metadata))
+    return BackboneExport(path, backbone.native_export, heads, left, list(notes or []))

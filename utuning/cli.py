@@ -130,8 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_peft(load_tuned(args.checkpoint), args.out, base_model_name_or_path=meta["recipe"].backbone.model)
         print(f"wrote the PEFT adapter folder {out} (load it with PeftModel.from_pretrained(base_model, {str(out)!r}))")
         return 0
-    left = export_backbone(args.checkpoint, args.out)
-    print(f"wrote {args.out}" + (f" (head tuners {left} stay in the checkpoint's tuner.safetensors)" if left else ""))
+    print(export_backbone(args.checkpoint, args.out).describe())
     return 0
 
 
@@ -338,11 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="fold tuners into the backbone, or write a PEFT adapter",
                        description="Fold a checkpoint's full fine-tuning or mergeable tuners (lora, ssf, bitfit) into "
-                       "the frozen weights and save the backbone's state dict (original keys: load it with "
-                       "`backbone.pretrained: FILE`, e.g. to transfer a backbone trained here).")
+                       "the frozen weights and save them as the backbone's own library loads them: timm backbones as "
+                       "one safetensors state dict (original keys: timm's pretrained_cfg_overlay=dict(file=FILE), or "
+                       "`backbone.pretrained: FILE`), Hugging Face backbones as a folder that from_pretrained loads.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder, its checkpoints/ folder or one checkpoint")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="the .safetensors file to write (--format weights) or the folder (peft, pretrained)")
+                   help="--format weights: the .safetensors file (timm backbones) or the new or empty folder "
+                   "(Hugging Face backbones: config.json, model.safetensors, tokenizer) to write; peft, pretrained: "
+                   "the folder")
     p.add_argument("--format", choices=["weights", "peft", "pretrained"], default="weights",
                    help="weights: merged backbone weights (default); peft: an HF PEFT adapter folder "
                    "(adapter_config.json + adapter_model.safetensors) of LoRA-family, IA3, OFT, LN tuning tuners; "
