@@ -98,6 +98,20 @@ def test_a_head_that_is_not_the_models_own_stays_in_the_checkpoint_and_is_named(
     torch.testing.assert_close(merged.classifier.weight, tuned.backbone.model.classifier.weight)  # the frozen one
 
 
+def test_hf_text_options_the_hf_model_lacks_are_refused_or_said(bert_folder, tmp_path, capsys):
+    """position_offset (PEFT's prefix layout) would change HF's outputs: refused; mean pooling: a note."""
+    shifted = BackboneConfig(name="hf_text", model=str(bert_folder), pretrained=True, num_classes=3,
+                             args={"position_offset": 2})
+    run, _ = checkpoint(tmp_path / "shifted", shifted, LORA_BITFIT)
+    code, said = export(run, tmp_path / "merged", capsys)
+    assert code == 2 and "position_offset=2" in said and not (tmp_path / "merged").exists()
+    mean = BackboneConfig(name="hf_text", model=str(bert_folder), pretrained=True, num_classes=3,
+                          args={"pooling": "mean"})
+    run, _ = checkpoint(tmp_path / "mean", mean, LORA_BITFIT)
+    code, said = export(run, tmp_path / "merged", capsys)
+    assert code == 0 and "pooling='mean' is not part of the HF model" in said
+
+
 @pytest.fixture(scope="module")
 def vit_folder(tmp_path_factory) -> Path:
     """A tiny HF ViT image classifier (hidden 32, 2 layers, 32x32 images) and its image processor."""

@@ -297,7 +297,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> BackboneExport:
     if beside:
         raise ConfigError(
             f"Checkpoint {checkpoint}: tuners {beside[:5]} live beside the frozen weights and cannot be folded into "
-            "them; only full fine-tuning and mergeable tuners (lora, ssf, bitfit) export as backbone weights"
+            "them; only full fine-tuning and mergeable (reparam) tuners such as lora, ssf, bitfit export as backbone "
+            "weights (--format pretrained or peft keep the others)"
         )
     model.merge()
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.frozen_state_dict().items()}
