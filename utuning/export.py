@@ -58,7 +58,7 @@ class BackboneExport:
 def check_target(out: str | Path, kind: str, backbone: str) -> Path:
     """``out`` as a path that ``kind`` (``Backbone.native_export``) can be written to, or a
     ``ConfigError`` saying why not (a folder for a file, a file or a non-empty folder for a folder)."""
-    text, path = str(out), Path(out).expanduser()
+    text, path = str(out), Path(out).expanduser().absolute()  # absolute: ``--out .`` has a name and a parent
     if kind == "file":
         if path.is_dir() or text.endswith(("/", os.sep)):
             raise ConfigError(f"--out {text!r} is a folder, but the {backbone!r} backbone exports one safetensors file "
@@ -84,9 +84,9 @@ def write_atomically(path: Path, kind: str, write: Callable[[Path], Any]) -> Any
     then synced and renamed to ``path``; on any error the temporary is removed and ``path`` untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "file":
-        result: list[Any] = []
-        atomic_write(path, lambda tmp: result.append(write(tmp)))
-        return result[0]
+        returned: list[Any] = []
+        atomic_write(path, lambda tmp: returned.append(write(tmp)))
+        return returned[0]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
