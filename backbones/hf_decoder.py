@@ -57,6 +57,7 @@ from utuning.backbones.hf_decoder_layers import (
     is_quantised,
 )
 from utuning.backbones.hf_decoder_quant import QUANTIZERS, dequantized, gguf_folder, quantize_linears
+from utuning.backbones.hf_export import HFFolderExport
 from utuning.backbones.hf_text import TextEmbedHandle, padded_token_ids
 from utuning.errors import ConfigError, PlacementError, UnknownNameError, closest
 from utuning.handle import OpHandle
@@ -167,7 +168,7 @@ def _check(model: nn.Module, family: Family) -> None:
 
 
 @register_backbone("hf_decoder")
-class HFDecoderBackbone(Backbone):
+class HFDecoderBackbone(HFFolderExport, Backbone):
     """Llama-family and GPT-2 decoders with sites embed, blocks.{i}[.attn|.mlp][.<linear>], norm, head.
 
     ``forward(input_ids, attention_mask=None, cache=None, last_only=False)`` -> next-token logits

@@ -18,8 +18,7 @@ import transformers as tf
 from tests.helpers import randomize_tuners
 from tests.test_engine import TINY_VIT
 from tests.test_hf_decoder import tiny_tokenizer
-from utuning.backbones.hf_decoder import TINY_GPT2, HFDecoderBackbone
-from utuning.backbones.hf_export import HFFolderExport
+from utuning.backbones.hf_decoder import TINY_GPT2
 from utuning.backbones.hf_text import TINY
 from utuning.build import build_model
 from utuning.checkpoint import export_backbone, save_checkpoint
@@ -160,8 +159,6 @@ def test_folder_export_refuses_unfoldable_tuners_and_wrong_targets_writing_nothi
     assert export(run, tmp_path / "empty", capsys)[0] == 0 and (tmp_path / "empty" / "config.json").is_file()
 
 
-@pytest.mark.xfail(not issubclass(HFDecoderBackbone, HFFolderExport), strict=True,
-                   reason="hf_decoder does not mix in HFFolderExport yet: it exports the default single file")
 def test_gpt2_lora_exports_a_causal_lm_folder_with_its_tokenizer(tmp_path, capsys):
     tok = tiny_tokenizer()
     hf = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model("gpt2", pad_token_id=0, bos_token_id=1,
