@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
@@ -82,21 +81,45 @@ class PreNormOpHandle(OpHandle):
         super().__init__(site, {k: v for k, v in modules.items() if v is not None})
         self.norm, self.attn, self.rope = norm, attn, rope
 
-    def _project(self, x: Tensor, index: int) -> Tensor:
+    def _project(self, x: Tensor, index: int, norm: bool = True) -> Tensor:
         a, d = self.attn, self.attn.num_heads * head_dim(self.attn)
+        x = self.norm(x) if norm else x
         if a.qkv is None:  # separate q/k/v projections (EVA-02 B/L)
-            return split_heads(getattr(a, f"{'qkv'[index]}_proj")(self.norm(x)), a.num_heads)
+            return split_heads(getattr(a, f"{'qkv'[index]}_proj")(x), a.num_heads)
         bias = split_qkv_bias(a) if a.qkv.bias is None else a.qkv.bias
         w, b = a.qkv.weight[index * d:(index + 1) * d], None if bias is None else bias[index * d:(index + 1) * d]
-        return split_heads(F.linear(self.norm(x), w, b), a.num_heads)  # (B, H, N, Dh)
+        return split_heads(F.linear(x, w, b), a.num_heads)  # (B, H, N, Dh)
 
     def query(self, x: Tensor) -> Tensor:
-        q = getattr(self.attn, "q_norm", nn.Identity())(self._project(x, 0))
+        q = maybe(getattr(self.attn, "q_norm", None), self._project(x, 0))
         rope = self.rope()
         return q if rope is None else rotate_patches(q, rope, self.attn.rotate_half)
 
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return getattr(self.attn, "k_norm", nn.Identity())(self._project(tokens, 1)), self._project(tokens, 2)
+        return maybe(getattr(self.attn, "k_norm", None), self._project(tokens, 1)), self._project(tokens, 2)
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # attn sites: without norm1
+        k = maybe(getattr(self.attn, "k_norm", None), self._project(tokens, 1, norm=False))
+        return k, self._project(tokens, 2, norm=False)
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H·Dh) -> (B, N, D), gamma_1 · W_o, no bias
+        o = F.linear(heads, self.attn.proj.weight)
+        gamma = self.modules.get("gamma_1")
+        return o if gamma is None else gamma * o
+
+
+def maybe(module: nn.Module | None, x: Tensor) -> Tensor:
+    """``module(x)``, or ``x`` where the module is absent or an ``nn.Identity`` (timm's empty q/k norms):
+    no module is built or called on the forward path for them."""
+    return x if module is None or type(module) is nn.Identity else module(x)
+
+
+def attn_features(attn: nn.Module) -> frozenset[str]:
+    """``raw_key_value`` / ``out_proj`` of attn sites (``adaption_prompt``): W_o is linear in the merged
+    heads only without EVA's head norm before it (``scale_attn_inner``)."""
+    norm = getattr(attn, "norm", None)  # BEiT's attention has none
+    return frozenset({"raw_key_value"} if norm is not None and type(norm) is not nn.Identity
+                     else {"raw_key_value", "out_proj"})
 
 
 def head_dim(attn: nn.Module) -> int:
@@ -151,20 +174,24 @@ class PreNormTunedBlock(nn.Module):
         if a.qkv is None:  # separate projections: sites attn.q / attn.k / attn.v
             return tuple(split_heads(self.slots[f"attn.{n}"].linear(h, getattr(a, f"{n}_proj")), a.num_heads)
                          for n in "qkv")
-        qkv = self.slots["attn.qkv"].linear(h, a.qkv)  # (B, N, 3·H·Dh)
-        bias = split_qkv_bias(a)
-        if bias is not None:  # EVA / BEiT: added after the site's tuners (see the module docstring)
-            qkv = qkv + bias
-        return tuple(rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=a.num_heads))
+        slot, bias = self.slots["attn.qkv"], split_qkv_bias(a)
+        if bias is not None and all(t.merged for t in slot.of("reparam")):
+            qkv = F.linear(h, a.qkv.weight, bias)  # no active tuner: timm's own W x + b, one addmm
+        else:
+            qkv = slot.linear(h, a.qkv)  # (B, N, 3·H·Dh)
+            if bias is not None:  # EVA / BEiT: added after the site's tuners (see the module docstring)
+                qkv = qkv + bias
+        b, n, _ = qkv.shape
+        return qkv.reshape(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
 
     def _attn_op(self, x: Tensor, ctx: Tensor | None) -> Tensor:
         a = self.attn
         q, k, v = self._heads(self.norm1(x))
-        q, k = getattr(a, "q_norm", nn.Identity())(q), getattr(a, "k_norm", nn.Identity())(k)
+        q, k = maybe(getattr(a, "q_norm", None), q), maybe(getattr(a, "k_norm", None), k)
         q, k = self._position(q, k, ctx)
         prefixes, decomposed = self.slots["attn"].prefixes(x.shape[0])
         o = merge_heads(self._attend(q, k, v, ctx, prefixes, decomposed))  # (B, N, H·Dh)
-        o = a.proj_drop(self.slots["attn.proj"].linear(getattr(a, "norm", nn.Identity())(o), a.proj))
+        o = a.proj_drop(self.slots["attn.proj"].linear(maybe(getattr(a, "norm", None), o), a.proj))
         return o if self.gamma_1 is None else self.gamma_1 * o
 
     def _mlp_op(self, x: Tensor) -> Tensor:
@@ -259,7 +286,8 @@ class PreNormTimmBackbone(Backbone):
             slots = {
                 "block": self.add_site(SiteSpec(p, "block", dim, OP_PLACEMENTS | {"prompt"}, **common),
                                        handle(p, {**attn_mods, **mlp_mods}, block.norm1, a, i)),
-                "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, OP_PLACEMENTS | {"prefix"}, **common),
+                "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, OP_PLACEMENTS | {"prefix"},
+                                               **{**common, "features": features | attn_features(a)}),
                                       handle(f"{p}.attn", attn_mods, block.norm1, a, i)),
                 "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, OP_PLACEMENTS, **common),
                                      handle(f"{p}.mlp", mlp_mods, block.norm2, a, i)),
