@@ -335,8 +335,9 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
             x, rotary = base.wte(input_ids) + base.wpe(pos), None  # prompts inserted below get no position
         else:
             x = base.embed_tokens(input_ids)
-            rotary = base.rotary_emb(x, pos)  # cos, sin (B, N, Dh)
-        ctx = Context(pos, valid, rotary, cache, started)
+            same = bool((pos == pos[:1]).all())  # rows share positions (no padding): one copy of the angles, as HF
+            rotary = base.rotary_emb(x, pos[:1] if same else pos)  # cos, sin (B or 1, N, Dh)
+        ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and bool(valid.all()))
         x, mask = around(self.slot("embed"), x, lambda t, _: t, valid, ctx)  # (B, P + N, D)
         if self.family.gpt2:
             x = base.drop(x)

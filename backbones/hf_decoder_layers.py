@@ -103,16 +103,19 @@ class Context:
     rotary: tuple[Tensor, Tensor] | None  # cos, sin (B, N, Dh), Llama family only
     cache: DecoderCache | None = None
     decoding: bool = False  # the cache already holds the sequence start: do not insert prompts again
+    # Every token real and no cache: without prompts or prefixes the mask is plain causal, and SDPA
+    # gets ``is_causal`` instead of a (B, 1, T, T) mask (which it would copy to float per layer).
+    all_real: bool = False
 
 
 # torch >= 2.5: scaled_dot_product_attention takes grouped-query keys/values as they are (enable_gqa).
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, prefixes: list[KV] = (),
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *, prefixes: list[KV] = (),
                      decomposed: bool = False, dropout_p: float = 0.0, scale: float | None = None) -> Tensor:
     """Attention of q (B, H, Nq, Dh) over k, v (B, H, Nk, Dh) where ``allowed`` (B, 1, Nq, Nk) is
-    True, and over learned prefixes (each (B, H, P, Dh), always visible). ``decomposed`` computes
+    True (None: plain causal, no prefixes), and over learned prefixes (each (B, H, P, Dh), always visible). ``decomposed`` computes
     ``(1 - λ)·Attn(Q, K, V) + λ·Attn(Q, K_pre, V_pre)`` (U-Tuning, arXiv 2303.00690, Eq. 3-5)."""
     prefixes = [(pk.to(q.dtype), pv.to(q.dtype)) for pk, pv in prefixes]
     k, v = k.to(q.dtype), v.to(q.dtype)
@@ -123,7 +126,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, prefix
             v = torch.cat([p[1] for p in prefixes] + [v], dim=2)
             allowed = torch.cat([allowed.new_ones(*allowed.shape[:3], n_pre).expand(-1, -1, q.shape[2], -1),
                                  allowed.expand(-1, -1, q.shape[2], -1)], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                                              is_causal=allowed is None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses = [], []
     for k_g, v_g, m_g in [(k, v, allowed)] + [(pk, pv, None) for pk, pv in prefixes]:
@@ -313,9 +317,11 @@ class DecoderLayer(nn.Module):
         if ctx.cache is not None:
             entry = ctx.cache.update(self.index, k, v, pos, mask, prefixes)
             k, v, k_pos, k_valid = entry.k, entry.v, entry.pos, entry.valid
-        allowed = visible(pos, k_pos, k_valid, self.window)  # (B, 1, T, T_k)
+        plain = ctx.all_real and not prefixes and x.shape[1] == ctx.pos.shape[1] and (
+            self.window is None or x.shape[1] <= self.window)
+        allowed = None if plain else visible(pos, k_pos, k_valid, self.window)  # (B, 1, T, T_k); None: causal
         if not prefixes and self.groups > 1 and SDPA_GQA:  # grouped keys/values go in unrepeated (no copies kept)
-            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, is_causal=plain,
                                                dropout_p=self.attn_dropout_p(), scale=self.scale, enable_gqa=True)
         else:
             o = causal_attention(q, self.repeat(k), self.repeat(v), allowed, prefixes=prefixes, decomposed=decomposed,
