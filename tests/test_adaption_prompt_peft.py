@@ -156,3 +156,20 @@ def test_refusals_name_the_missing_entry_and_change_nothing():
     # GPT-2 has no rotary positions: its query is the attention's own, and PEFT's GPT-2 form is project=False.
     tuned = utuning.tune(backbone, [("adaption_prompt", "blocks.1.attn", {"tokens": 2, "project": False})])
     assert not tuned.attached()[0].tuner.rotate_query
+
+
+def test_cached_steps_rotate_the_query_at_the_new_positions():
+    """Generation with the KV cache: each new token's query is rotated at its own position, so
+    cached steps equal the full forward (left-padded prompts, prompts of different lengths)."""
+    hf = tiny_decoder("llama")
+    tuned = utuning.tune(HFDecoderBackbone(copy.deepcopy(hf)), [("adaption_prompt", "blocks.*.attn", {"tokens": 2})])
+    randomize_tuners(tuned.eval(), std=0.5)
+    backbone, inputs = tuned.backbone, left_padded(padded_batch(5))
+    more = torch.randint(1, 100, (3, 3), generator=torch.Generator().manual_seed(6))
+    ids, mask = torch.cat([inputs["input_ids"], more], 1), torch.cat([inputs["attention_mask"], torch.ones_like(more)], 1)
+    with torch.no_grad():
+        full = call(tuned, {"input_ids": ids, "attention_mask": mask})[:, -3:]  # (B, 3, V)
+        cache = backbone.new_cache()
+        backbone(inputs["input_ids"], inputs["attention_mask"], cache=cache)
+        steps = [backbone(more[:, t:t + 1], torch.ones(3, 1, dtype=torch.long), cache=cache) for t in range(3)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
