@@ -53,7 +53,7 @@ def attend_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, pr
     get none. q, k, v: (B, H, N, Dh); returns (B, H, N, Dh). ``decomposed`` gives the exact parallel form."""
     if bias is None:
         return attend(q, k, v, prefixes=prefixes, decomposed=decomposed, dropout_p=dropout_p, scale=scale)
-    bias = bias.to(q.dtype)
+    bias = bias if bias.dtype == q.dtype else bias.to(q.dtype)
     if not decomposed or not prefixes:
         if prefixes:
             k = torch.cat([p[0] for p in prefixes] + [k], dim=2)

@@ -91,15 +91,15 @@ class PreNormOpHandle(OpHandle):
         return split_heads(F.linear(x, w, b), a.num_heads)  # (B, H, N, Dh)
 
     def query(self, x: Tensor) -> Tensor:
-        q = maybe(getattr(self.attn, "q_norm", None), self._project(x, 0))
+        q = maybe(self.attn, "q_norm", self._project(x, 0))
         rope = self.rope()
         return q if rope is None else rotate_patches(q, rope, self.attn.rotate_half)
 
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return maybe(getattr(self.attn, "k_norm", None), self._project(tokens, 1)), self._project(tokens, 2)
+        return maybe(self.attn, "k_norm", self._project(tokens, 1)), self._project(tokens, 2)
 
     def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # attn sites: without norm1
-        k = maybe(getattr(self.attn, "k_norm", None), self._project(tokens, 1, norm=False))
+        k = maybe(self.attn, "k_norm", self._project(tokens, 1, norm=False))
         return k, self._project(tokens, 2, norm=False)
 
     def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H·Dh) -> (B, N, D), gamma_1 · W_o, no bias
@@ -108,18 +108,22 @@ class PreNormOpHandle(OpHandle):
         return o if gamma is None else gamma * o
 
 
-def maybe(module: nn.Module | None, x: Tensor) -> Tensor:
-    """``module(x)``, or ``x`` where the module is absent or an ``nn.Identity`` (timm's empty q/k norms):
-    no module is built or called on the forward path for them."""
-    return x if module is None or type(module) is nn.Identity else module(x)
+def acts(module: nn.Module, name: str) -> bool:
+    """Whether ``module.name`` changes its input: False where it is absent, None or an ``nn.Identity``
+    (BEiT's attention has no q/k or head norm; EVA-02's are identities)."""
+    sub = getattr(module, name, None)
+    return sub is not None and type(sub) is not nn.Identity
+
+
+def maybe(module: nn.Module, name: str, x: Tensor) -> Tensor:
+    """``module.name(x)``, or ``x`` where that submodule does not act (see ``acts``)."""
+    return getattr(module, name)(x) if acts(module, name) else x
 
 
 def attn_features(attn: nn.Module) -> frozenset[str]:
     """``raw_key_value`` / ``out_proj`` of attn sites (``adaption_prompt``): W_o is linear in the merged
     heads only without EVA's head norm before it (``scale_attn_inner``)."""
-    norm = getattr(attn, "norm", None)  # BEiT's attention has none
-    return frozenset({"raw_key_value"} if norm is not None and type(norm) is not nn.Identity
-                     else {"raw_key_value", "out_proj"})
+    return frozenset({"raw_key_value"} if acts(attn, "norm") else {"raw_key_value", "out_proj"})
 
 
 def head_dim(attn: nn.Module) -> int:
@@ -151,6 +155,11 @@ class PreNormTunedBlock(nn.Module):
             setattr(self, name, getattr(block, name))  # Parameters (gamma) and modules keep their names
         self.slots = slots  # plain dict: the slots are registered once, in the backbone adapter
         self.mlp_kind = type(self.mlp).__name__
+        # Read once, as timm's own forward would call them: BEiT's attention has no q/k or head norm and
+        # EVA-02's are identities, which the untuned forward then neither looks up nor calls.
+        a = self.attn
+        self.qk_norm = acts(a, "q_norm") or acts(a, "k_norm")
+        self.head_norm = acts(a, "norm")
         self.train(block.training)
 
     def run(self, x: Tensor, ctx: Tensor | None) -> Tensor:  # (B, N, D)
@@ -187,11 +196,12 @@ class PreNormTunedBlock(nn.Module):
     def _attn_op(self, x: Tensor, ctx: Tensor | None) -> Tensor:
         a = self.attn
         q, k, v = self._heads(self.norm1(x))
-        q, k = maybe(getattr(a, "q_norm", None), q), maybe(getattr(a, "k_norm", None), k)
+        if self.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
         q, k = self._position(q, k, ctx)
         prefixes, decomposed = self.slots["attn"].prefixes(x.shape[0])
         o = merge_heads(self._attend(q, k, v, ctx, prefixes, decomposed))  # (B, N, H·Dh)
-        o = a.proj_drop(self.slots["attn.proj"].linear(maybe(getattr(a, "norm", None), o), a.proj))
+        o = a.proj_drop(self.slots["attn.proj"].linear(a.norm(o) if self.head_norm else o, a.proj))
         return o if self.gamma_1 is None else self.gamma_1 * o
 
     def _mlp_op(self, x: Tensor) -> Tensor:
