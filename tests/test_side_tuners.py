@@ -140,6 +140,24 @@ def test_bypass_starts_as_the_frozen_model():
         torch.testing.assert_close(tuned(**x), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lateral", ["adapter", "prefix"])
+def test_bypass_first_token_chain_equals_the_whole_chain(lateral):
+    """With pool="first" the bypass runs its side chain on the first token only; that is exact
+    because every Res-Tuner is token-wise: equal to the chain over all tokens, read at token 0."""
+    tuned = utuning.tune(vit_backbone(depth=3), [("bypass", "blocks.*", {"num_classes": 3, "lateral": lateral,
+                                                                      "vertical": lateral, "tokens": 2})]).eval()
+    randomize_tuners(tuned)
+    bypass = next(m for m in tuned.modules() if type(m).__name__ == "ResTuningBypass")
+    x = pixels(3)
+    with torch.no_grad():
+        feats = tuned.backbone.intermediates(**x, layers=bypass.layers)
+        h = bypass.lateral[0](feats.layers[bypass.layers[0]])  # (B, N, D): every token
+        for lat, vert, i in zip(bypass.lateral[1:], bypass.vertical, bypass.layers[1:]):
+            h = h + vert(h) + lat(feats.layers[i])
+        assert h.shape[1] > 1
+        torch.testing.assert_close(tuned(**x), bypass.head(feats.pooled + h[:, 0]), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_bypass_checkpointing_keeps_outputs_and_gradients_and_saves_less(dropout):
     """Recomputing the side chain in backward changes no number (dropout masks included) and keeps
