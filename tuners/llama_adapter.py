@@ -40,7 +40,7 @@ class AdaptionPrompt(Tuner):
       code and PEFT (needs ``raw_key_value``); ``True`` passes them through the site's pre-norm
       like the sequence's tokens.
     * ``rotate_query=True``: the query the attention uses, rotated where the site offers
-      ``rotary_query`` (decoders); ``False``: the un-rotated projection ``handle.query``.
+      ``rotary_query`` (decoders); ``False``: ``handle.query`` (un-rotated on decoders).
 
     The paper's code also squashes the gate with ``tanh`` (not in the paper's equations; not done
     here: at the zero start both have slope 1). HF PEFT's form is ``gate="layer"`` with the other
