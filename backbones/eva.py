@@ -181,8 +181,9 @@ class PreNormTunedBlock(nn.Module):
         """q, k, v (each (B, H, N, Dh)) of the normed tokens through the linear sites."""
         a = self.attn
         if a.qkv is None:  # separate projections: sites attn.q / attn.k / attn.v
-            return tuple(split_heads(self.slots[f"attn.{n}"].linear(h, getattr(a, f"{n}_proj")), a.num_heads)
-                         for n in "qkv")
+            b, n = h.shape[:2]  # reshape, as timm's forward: the same (view) operation
+            return tuple(self.slots[f"attn.{p}"].linear(h, getattr(a, f"{p}_proj")).reshape(b, n, a.num_heads, -1)
+                         .transpose(1, 2) for p in "qkv")  # 3 x (B, H, N, Dh)
         slot, bias = self.slots["attn.qkv"], split_qkv_bias(a)
         if bias is not None and all(t.merged for t in slot.of("reparam")):
             qkv = F.linear(h, a.qkv.weight, bias)  # no active tuner: timm's own W x + b, one addmm

@@ -11,7 +11,15 @@ from torch import nn
 
 import utuning
 from tests.helpers import call, one_thread, randomize_tuners  # noqa: F401 (one_thread: fixture)
-from tests.test_eva import GAPS, ZOO, check_zoo_composition, check_zoo_tuner, images, perturb
+from tests.test_eva import (
+    GAPS,
+    ZOO,
+    assert_same_aten_ops,
+    check_zoo_composition,
+    check_zoo_tuner,
+    images,
+    perturb,
+)
 from utuning.backbones.beit import BeitBackbone, attend_with_bias, pad_bias
 from utuning.errors import UnsupportedModelError
 
@@ -48,6 +56,28 @@ def test_no_tuner_equals_timm_and_intermediates(config):
     for i in (0, 1):
         torch.testing.assert_close(feats.layers[i][:, 1:], inter[i], atol=1e-6, rtol=0)
     torch.testing.assert_close(feats.final, final, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_untuned_forward_runs_timms_operations(config):
+    """The same aten operations as timm's forward (bias gathered per block or shared, the qkv bias fused
+    into one addmm, no padding or cast of the bias); a merged LoRA leaves them unchanged."""
+    ref = tiny_beit(config)
+    backbone, x = utuning.wrap(copy.deepcopy(ref)).eval(), images(ref)
+    assert_same_aten_ops(lambda: ref(x["pixel_values"]), lambda: backbone(**x))
+    lora = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("lora", "blocks.*.attn.qkv", {"rank": 2})]).eval()
+    randomize_tuners(lora)
+    lora.merge()
+    assert_same_aten_ops(lambda: ref(x["pixel_values"]), lambda: lora(**x))
+
+
+def test_adaption_prompt_entries():
+    """BEiT's attention has no head norm: ``out_proj`` is gamma_1 · W_o on a change of the merged heads."""
+    backbone = utuning.wrap(tiny_beit("beit").double())
+    handle, block = backbone.slot("blocks.0.attn").handle, backbone.model.blocks[0]
+    assert {"raw_key_value", "out_proj"} <= backbone.site_specs()["blocks.0.attn"].features
+    heads, u = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    torch.testing.assert_close(handle.out_proj(u), block.gamma_1 * (block.attn.proj(heads + u) - block.attn.proj(heads)))
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -9,6 +9,7 @@ before anything is modified. A new tuner is covered without anyone editing these
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import utuning
 from tests.helpers import (  # noqa: F401 (one_thread: fixture)
@@ -150,6 +152,32 @@ def check_feature_cache(tuned: utuning.TunedModel, pixel_values: torch.Tensor, r
         torch.testing.assert_close(again[key], live[key], atol=1e-5, rtol=0)
 
 
+class AtenOps(TorchDispatchMode):
+    """Counts the aten operations a forward executes, by name and the shapes and strides of their tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = tuple((tuple(a.shape), a.stride()) for a in args if isinstance(a, torch.Tensor))
+        self.ops[(str(func.overloadpacket), tensors)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def assert_same_aten_ops(reference: Callable[[], torch.Tensor], ours: Callable[[], torch.Tensor]) -> None:
+    """The untuned adapter executes exactly the library forward's tensor operations (issue 12: untuned
+    inference at <= 1.02 of the plain model): no extra copy, cat, bias add, mask or cast, and the same
+    kernels on the same layouts; only Python-level dispatch may differ."""
+    counts = []
+    for forward in (reference, ours):
+        with torch.inference_mode(), AtenOps() as mode:
+            forward()
+        counts.append(mode.ops)
+    assert counts[0] - counts[1] == {} and counts[1] - counts[0] == {}, (
+        f"only in the library's forward: {dict(counts[0] - counts[1])}; only in ours: {dict(counts[1] - counts[0])}")
+
+
 # Tiny EVA models --------------------------------------------------------------------------------
 #: name -> (timm model, overrides): EVA-02 Ti (fused qkv, packed SwiGLU, RoPE, abs pos), EVA-02 B-style
 #: (separate q/k/v, SwiGLU with an FFN norm; here also scale norm in attention and register tokens),
@@ -205,6 +233,48 @@ def test_no_tuner_equals_timm_and_intermediates(config):
         torch.testing.assert_close(feats.layers[i][:, npt:], inter[i], atol=1e-6, rtol=0)
     torch.testing.assert_close(feats.final, final, atol=1e-6, rtol=0)
     torch.testing.assert_close(feats.pooled, ref.forward_head(final, pre_logits=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_untuned_forward_runs_timms_operations(config):
+    ref = tiny_eva(config)
+    backbone, x = utuning.wrap(copy.deepcopy(ref)).eval(), images(ref)
+    assert_same_aten_ops(lambda: ref(x["pixel_values"]), lambda: backbone(**x))
+    # A LoRA merged into the fused qkv leaves the same operations; an unmerged one adds its own.
+    lora = utuning.tune(utuning.wrap(copy.deepcopy(ref)), [("lora", "blocks.*.attn.q*", {"rank": 2})]).eval()
+    randomize_tuners(lora)
+    with pytest.raises(AssertionError, match="only in ours"):
+        assert_same_aten_ops(lambda: ref(x["pixel_values"]), lambda: lora(**x))
+    with torch.no_grad():
+        out = lora(**x)
+        lora.merge()
+        torch.testing.assert_close(lora(**x), out, atol=1e-5, rtol=0)
+    assert_same_aten_ops(lambda: ref(x["pixel_values"]), lambda: lora(**x))
+
+
+@pytest.mark.parametrize("config", ["eva02", "eva02_swiglu_reg"])
+def test_adaption_prompt_entries(config):
+    """``out_proj`` is W_o (times gamma_1) applied to a change of the merged heads; it is offered only where
+    W_o is linear in them (no head norm, ``scale_attn_inner``); ``raw_key_value`` skips norm1."""
+    backbone = utuning.wrap(tiny_eva(config, init_values=1.0).double())  # with layer scale (gamma_1)
+    spec, handle = backbone.site_specs()["blocks.1.attn"], backbone.slot("blocks.1.attn").handle
+    block = backbone.model.blocks[1]
+    tokens = torch.randn(2, 3, 32, dtype=torch.float64)
+    k, v = handle.raw_key_value(tokens)
+    a = block.attn
+    if a.qkv is None:  # separate projections, each with its bias
+        expected = a.v_proj(tokens)
+    else:  # the fused layer and the bias timm keeps apart
+        expected = torch.nn.functional.linear(tokens, a.qkv.weight, torch.cat((a.q_bias, a.k_bias, a.v_bias)))[..., 64:]
+    torch.testing.assert_close(v, expected.view(2, 3, 2, 16).transpose(1, 2))  # (B, H, P, Dh)
+    assert not torch.allclose(k, handle.key_value(tokens)[0])  # key_value applies norm1 first
+    if config == "eva02_swiglu_reg":  # a LayerNorm over the heads before W_o
+        assert "out_proj" not in spec.features
+        with pytest.raises(PlacementError, match="out_proj.*project=False"):
+            utuning.tune(backbone, [("adaption_prompt", "blocks.*.attn")])
+        return
+    heads, u = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    torch.testing.assert_close(handle.out_proj(u), block.gamma_1 * (block.attn.proj(heads + u) - block.attn.proj(heads)))
 
 
 #: EVA-02's SwiGLU FFN is 85 wide at width 32 (8/3 ratio): tuners needing a common divisor refuse it.
