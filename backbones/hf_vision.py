@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers as tf
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -106,9 +107,10 @@ class VisionOpHandle(OpHandle):
     """A layer operation: its frozen modules, and the layer's frozen q/k/v projections after ``norm``
     (the operation's own pre-norm: ``norm1`` for ``blocks.{i}`` and ``.attn``, ``norm2`` for ``.mlp``)."""
 
-    def __init__(self, site: str, modules: dict[str, Any], norm: nn.Module, attn: nn.Module, heads: int) -> None:
+    def __init__(self, site: str, modules: dict[str, Any], norm: nn.Module, attn: nn.Module, heads: int,
+                 proj: nn.Linear | None = None) -> None:
         super().__init__(site, {k: v for k, v in modules.items() if v is not None})
-        self.norm, self.attn, self.heads = norm, attn, heads
+        self.norm, self.attn, self.heads, self.proj = norm, attn, heads, proj
 
     def query(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, H, N, Dh)
         return split_heads(self.attn.q_proj(self.norm(x)), self.heads)
@@ -116,6 +118,13 @@ class VisionOpHandle(OpHandle):
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, D) -> two (B, H, P, Dh)
         t = self.norm(tokens)
         return split_heads(self.attn.k_proj(t), self.heads), split_heads(self.attn.v_proj(t), self.heads)
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # attn sites: no pre-norm
+        return split_heads(self.attn.k_proj(tokens), self.heads), split_heads(self.attn.v_proj(tokens), self.heads)
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H*Dh) -> (B, N, D), ls1 ∘ W_o, no bias
+        o = F.linear(heads, self.proj.weight)
+        return self.modules["ls1"](o) if "ls1" in self.modules else o
 
 
 class VisionLayer(nn.Module):
@@ -288,8 +297,9 @@ class HFVisionBackbone(HFFolderExport, Backbone):
         slots = {
             "block": self.add_site(SiteSpec(p, "block", dim, OP_PLACEMENTS | {"prompt"}, **common),
                                    VisionOpHandle(p, {**mods_attn, **mods_mlp}, norm1, attn, heads)),
-            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, OP_PLACEMENTS | {"prefix"}, **common),
-                                  VisionOpHandle(f"{p}.attn", mods_attn, norm1, attn, heads)),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, OP_PLACEMENTS | {"prefix"},
+                                           **{**common, "features": common["features"] | {"raw_key_value", "out_proj"}}),
+                                  VisionOpHandle(f"{p}.attn", mods_attn, norm1, attn, heads, getattr(attn, f.proj))),
             "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, OP_PLACEMENTS, **common),
                                  VisionOpHandle(f"{p}.mlp", mods_mlp, norm2, attn, heads)),
         }

@@ -147,17 +147,24 @@ class SwinOpHandle(OpHandle):
         super().__init__(site, modules)
         self.norm, self.attn = norm, attn
 
-    def _project(self, x: Tensor, index: int) -> Tensor:
+    def _project(self, x: Tensor, index: int, norm: bool = True) -> Tensor:
         qkv = self.attn.qkv
         d = qkv.out_features // 3
         b = None if qkv.bias is None else qkv.bias[index * d:(index + 1) * d]
-        return split_heads(F.linear(self.norm(x), qkv.weight[index * d:(index + 1) * d], b), self.attn.num_heads)
+        return split_heads(F.linear(self.norm(x) if norm else x, qkv.weight[index * d:(index + 1) * d], b),
+                           self.attn.num_heads)
 
     def query(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, H, N, Dh)
         return self._project(x, 0)
 
     def key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, C) -> two (B, H, P, Dh)
         return self._project(tokens, 1), self._project(tokens, 2)
+
+    def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # attn sites: no norm1
+        return self._project(tokens, 1, norm=False), self._project(tokens, 2, norm=False)
+
+    def out_proj(self, heads: Tensor) -> Tensor:  # attn sites: (B, N, H*Dh) -> (B, N, C), W_o per token, no bias
+        return F.linear(heads, self.attn.proj.weight)
 
 
 class SwinBlock(nn.Module):
@@ -298,7 +305,8 @@ class SwinBackbone(StagedBackbone):
         slots = {
             "block": self.add_site(SiteSpec(p, "block", dim, _OP_PLACEMENTS, **common),
                                    SwinOpHandle(p, mods_block, block.norm1, a)),
-            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, _OP_PLACEMENTS | {"prefix"}, **common),
+            "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, _OP_PLACEMENTS | {"prefix"},
+                                           **{**common, "features": common["features"] | {"raw_key_value", "out_proj"}}),
                                   SwinOpHandle(f"{p}.attn", mods_attn, block.norm1, a)),
             "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, _OP_PLACEMENTS, **common),
                                  SwinOpHandle(f"{p}.mlp", mods_mlp, block.norm2, a)),

@@ -63,9 +63,9 @@ def test_adaption_prompt_is_zero_gated_attention_over_prompts():
     t, handle = tuners[0], tuned.backbone.slot("blocks.0.attn").handle
     x = torch.randn(2, 7, 32)
     q = handle.query(x)
-    k, v = handle.key_value(t.prompts.expand(2, -1, -1))
+    k, v = handle.raw_key_value(t.prompts.expand(2, -1, -1))
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # (B, H, N, K)
-    expected = (t.gate * scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32)
+    expected = handle.out_proj((t.gate * scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
     torch.testing.assert_close(t(x, handle), expected)
 
 
