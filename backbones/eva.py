@@ -24,7 +24,8 @@ buffer, ``v_bias``); the ``attn.qkv`` site is the bias-free ``nn.Linear`` and th
 bias after the site's tuners, so every reparam tuner sees (and merges into) exactly the layer timm
 stores: LoRA-style weight updates merge, while BitFit and SSF, which merge into a layer bias, are
 refused at ``merge()`` with the reason (they still train), and SSF / IA3 scale ``W x`` before the frozen
-bias is added. Block variants the forward does not reproduce (post-norm, gated or grouped-query
+bias is added. With no active (unmerged) tuner there, the block runs timm's own fused
+``F.linear(x, W, b)``: untuned, the adapters execute exactly timm's tensor operations (tested). Block variants the forward does not reproduce (post-norm, gated or grouped-query
 attention) are refused by name.
 """
 
