@@ -69,10 +69,16 @@ def _head(job: dict) -> tuple:
     return ("linear_probe", "head", {"num_classes": job["classes"]})
 
 
-def _side(name: str, job: dict, key: str | None = None) -> dict:
-    args = {"num_labels": job["classes"]} if name == "ytuning" else {"num_classes": job["classes"]}
-    spec = {"name": name, "at": "blocks.*", "args": args}
+def _side(name: str, job: dict, key: str | None = None, *, at: str = "blocks.*", args: dict | None = None) -> dict:
+    labels = {"num_labels": job["classes"]} if name == "ytuning" else {"num_classes": job["classes"]}
+    spec = {"name": name, "at": at, "args": labels | (args or {})}
     return spec | ({"key": key} if key else {})
+
+
+def _last_blocks(job: dict, n: int) -> str:
+    """The site pattern of a ViT's last ``n`` blocks (vit_small / vit_base: 12 unless ``depth`` is set)."""
+    depth = job.get("depth") or 12
+    return f"blocks.{{{depth - n}..{depth - 1}}}"
 
 
 #: Our methods on a timm ViT: tuner specs (tuples or dicts, as ``utuning.tune`` takes them).
@@ -93,12 +99,21 @@ OURS_VIT: dict[str, Callable[[dict], list]] = {
     "ssf": lambda j: [("ssf", ["blocks.*.attn.qkv", "blocks.*.mlp.fc1"], {"init_std": 0.0}), _head(j)],
     # PEFT's IA3 setup on timm (``IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"])``).
     "ia3": lambda j: [("ia3", "blocks.*.attn.qkv"), ("ia3", "blocks.*.mlp.fc2", {"feedforward": True}), _head(j)],
+    # LoRA at IA3's sites with about IA3's parameter count (rank 1 on qkv and fc2): like IA3's fc2 input
+    # vector, a LoRA on fc2 keeps fc2's (B, N, 4D) input for its gradient (benchmarks.peft_methods).
+    "lora_ia3_sites": lambda j: [("lora", "blocks.*.attn.qkv", {"rank": 1, "alpha": 1, "fused": True}),
+                                 ("lora", "blocks.*.mlp.fc2", {"rank": 1, "alpha": 1}), _head(j)],
     # Against PEFT's DoRA / VeRA / OFT on the same qkv (``benchmarks.peft_methods``; PEFT_VIT below).
     "dora": lambda j: [("dora", "blocks.*.attn.qkv", {"rank": 8, "alpha": 8, "fused": True}), _head(j)],
     "vera": lambda j: [("vera", "blocks.*.attn.qkv", {"rank": 256}), _head(j)],
     "oft": lambda j: [("oft", "blocks.*.attn.qkv", {"block_size": 32, "cayley": "neumann"}), _head(j)],
     "ytuning": lambda j: [_side("ytuning", j)],
     "bypass": lambda j: [_side("bypass", j)],
+    # The small-network regime of the Y-tuning paper (<= 2% tunable, benchmarks.side_regime): every block
+    # read by a width-32 Y-network, or the last 3 blocks by a width-64 one; the zoo's bypass (bottleneck 10).
+    "ytuning_small": lambda j: [_side("ytuning", j, args={"hidden": 32})],
+    "ytuning_top": lambda j: [_side("ytuning", j, at=_last_blocks(j, 3), args={"hidden": 64})],
+    "bypass_h10": lambda j: [_side("bypass", j, args={"hidden": 10})],
     # The bypass keeping its side chain's activations (no recomputation): the memory/time trade-off.
     "bypass_stored": lambda j: [{**_side("bypass", j), "args": {**_side("bypass", j)["args"], "checkpoint": False}}],
 }

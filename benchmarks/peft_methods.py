@@ -28,7 +28,8 @@ import sys
 ROWS = [("ia3", "peft_ia3", "IA3 (qkv outputs, fc2 inputs)"), ("dora", "peft_dora", "DoRA r=8 on qkv"),
         ("vera", "peft_vera", "VeRA r=256 on qkv"), ("oft", "peft_oft", "OFT block 32 on qkv (Neumann)"),
         ("ssf", "lora", "SSF (qkv, fc1) — no PEFT form: against our LoRA"),
-        ("ia3", "lora", "IA3 against our LoRA")]
+        ("ia3", "lora", "IA3 against our LoRA (r=8 on qkv only)"),
+        ("ia3", "lora_ia3_sites", "IA3 against our LoRA r=1 at IA3's sites (qkv, fc2)")]
 REFERENCES = ["full_timm", "lora", "peft_lora"]
 MEMORY_SLACK = 0.005  # equal tensors, equal bytes: a few hundred bytes of bookkeeping apart is "equal"
 

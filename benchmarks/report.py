@@ -278,7 +278,7 @@ def write_page(out: Path, mode: str) -> Path:
     from benchmarks.llm import section as llm_section
 
     lines += llm_section(out, mode)
-    for extra in ("paired", "peft_methods", "cache", "accuracy"):
+    for extra in ("paired", "side_regime", "peft_methods", "cache", "accuracy"):
         lines += _extra_section(out, mode, extra)
     notes = HERE / f"notes_{mode}.md"
     if notes.exists():

@@ -104,6 +104,12 @@ def peft_methods(mode: str, out: Path, *, threads: int) -> dict:
     return _section("peft_methods", "benchmarks.peft_methods", job, mode, out)
 
 
+def side_regime(mode: str, out: Path, *, threads: int) -> dict:
+    """Side tuners' defaults against the small-network regime on vit_small (``benchmarks.side_regime``)."""
+    job = {**PAIRED[mode], "classes": 10, "threads": threads, "device": "cpu", "warmup": 1, "iters": 2}
+    return _section("side_regime", "benchmarks.side_regime", job, mode, out)
+
+
 def _row_key(row: dict) -> tuple:
     return row["method"], row["mode"], row["tasks"]
 
@@ -223,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         paired(mode, out, threads=args.threads)
     if not args.report_only and ((mode == "full" and not args.methods) or "peft_methods" in (args.methods or [])):
         peft_methods(mode, out, threads=args.threads)
+    if not args.report_only and "side_regime" in (args.methods or []):
+        side_regime(mode, out, threads=args.threads)
     page = write_page(out, mode)
     print(f"wrote {page}")
     return 0
