@@ -114,7 +114,8 @@ def _paired(jobs: list[dict], kind: str, repeats: int) -> dict:
     result = run_child("benchmarks.paired", job, timeout=3600)
     result["load"] = [*load, os.getloadavg()[0]]
     for p in result.get("pairs", []):
-        p.update(repeats=repeats, load=result["load"])
+        p.update(repeats=repeats, load=result["load"], cpu_share=result.get("cpu_share"),
+                 threads=result.get("threads"), affinity=result.get("affinity"))
     print(f"{job['model']} paired {kind}: {result.get('status')}")
     return result
 
@@ -155,7 +156,8 @@ def run_families(mode: str, out: Path, keys: list[str], *, threads: int, device:
                                      "load": [x for p in pairs for x in p.get("load", [])]}
         record = {"mode": mode, "model": key, "tag": "", "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
                   "wall_s": time.time() - start, "rounds": rounds, "rows": rows,
-                  "paired": {"job": {"repeats": repeats, "infer_repeats": repeats * INFER_REPEATS_FACTOR}, "result": paired}}
+                  "paired": {"job": {"repeats": repeats, "infer_repeats": repeats * INFER_REPEATS_FACTOR}, "result": paired,
+                             "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start))}}
         if stored:
             record = {**(merge(stored, record) if rows else stored), "paired": record["paired"]}
         path.write_text(json.dumps(record, indent=1))
@@ -190,8 +192,17 @@ def _loads(record: dict) -> list[float]:
     return rows + list(record.get("paired", {}).get("result", {}).get("load", []))
 
 
+#: A paired run that had less than this share of its cores' time (CPU time ÷ wall time × threads)
+#: competed with other work on them: no verdict.
+MIN_CPU_SHARE = 0.9
+
+
 def _busy(record: dict, pair: dict | None) -> bool:
-    """Whether the load average while ``pair`` (else the record's paired run) ran exceeded cores + 1."""
+    """Whether ``pair`` competed with other work: its process had less than ``MIN_CPU_SHARE`` of its
+    cores (measured in the child, valid when other work was pinned elsewhere), or, for runs that did not
+    measure it, the load average while it (else the record's paired run) ran exceeded cores + 1."""
+    if (pair or {}).get("cpu_share") is not None:
+        return pair["cpu_share"] < MIN_CPU_SHARE
     loads = (pair or {}).get("load") or record.get("paired", {}).get("result", {}).get("load") or []
     cores = record["rows"][0].get("cores") or os.cpu_count() or 1
     return bool(loads) and max(loads) > cores + 1
@@ -267,6 +278,17 @@ def markdown(records: list[dict]) -> list[str]:
              f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores"
              + (": **the machine was oversubscribed**: the per-process time ratios below are withheld and the "
                 "paired ratios are noisy (read their interquartile ranges; no ≤ 1.02 verdict is given)." if busy else "."), ""]
+    pairs = [p for rec in records for p in rec.get("paired", {}).get("result", {}).get("pairs", [])]
+    shares = [p["cpu_share"] for p in pairs if p.get("cpu_share") is not None]
+    if shares and len(shares) == len(pairs):
+        threads = sorted({p.get("threads") for p in pairs}, key=str)
+        started = sorted({rec["paired"].get("started", "") for rec in records} - {""})
+        lines[-2] = (lines[-2].split(" 1-minute load average")[0] + " The paired timings were measured "
+                     + (f"on {', '.join(started)} " if started else "")
+                     + f"with {' or '.join(map(str, threads))} torch thread(s) pinned to their own core(s), other "
+                     f"work pinned to the other core; each pair's process had {min(shares):.2f}–{max(shares):.2f} "
+                     f"of its cores' time (CPU ÷ wall × threads; below {MIN_CPU_SHARE} gives no verdict). The "
+                     "per-process rows (memory: exact) are from the run and thread count stated under each family.")
     lines += summary_table(records) + [""]
     for rec in records:
         lines += [f"### {FAMILIES.get(rec['model'], {'label': rec['model']})['label']}: per process", "",

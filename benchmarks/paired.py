@@ -51,9 +51,11 @@ def run(job: dict) -> dict:
     from benchmarks.methods import build
     from benchmarks.speed import make_step
 
-    torch.set_num_threads(int(job.get("threads") or 1))
+    threads = int(job.get("threads") or 1)
+    torch.set_num_threads(threads)
     pairs = [tuple(p) for p in job.get("pairs") or PAIRS]
     out = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for ref, other, mode in pairs:
         steps = {}
         for method in (ref, other):
@@ -74,7 +76,19 @@ def run(job: dict) -> dict:
         out.append({"ref": ref, "method": other, "mode": mode, "ratio": statistics.median(ratios),
                     "q1": q[0], "q3": q[2], "ratios": ratios, "ref_s": statistics.median(times[ref]),
                     "method_s": statistics.median(times[other])})
-    return {"status": "ok", "pairs": out}
+    return {"status": "ok", "pairs": out, **contention(wall0, cpu0, threads)}
+
+
+def contention(wall0: float, cpu0: float, threads: int) -> dict:
+    """How much of its cores this process had since ``wall0`` / ``cpu0``: ``cpu_share`` = CPU time ÷
+    (wall time × threads), about 1.0 when nothing else ran on them (a measurement of this process, which
+    the machine's load average is not when other work is pinned to other cores), and the cores the
+    process may run on."""
+    import os
+
+    wall = time.perf_counter() - wall0
+    return {"cpu_share": (time.process_time() - cpu0) / (wall * threads) if wall > 0 else None,
+            "affinity": sorted(os.sched_getaffinity(0)), "threads": threads}
 
 
 def markdown(job: dict, r: dict) -> str:
