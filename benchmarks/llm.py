@@ -193,9 +193,12 @@ def paired(job: dict) -> dict:
     """Each pair of ``job['pairs']`` built in this process and stepped A B B A x ``repeats`` after
     ``warmup`` steps of each: the median of (B time ÷ A time), its quartiles, the median times.
     Generation pairs also record whether both sides produced the same greedy tokens."""
+    from benchmarks.paired import contention
+
     out = []
     for ref, other, mode, _ in job["pairs"]:
         load_start = os.getloadavg()[0]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         make = generate_step if mode == "generate" else train_step
         try:
             steps = {m: make(dict(job, method=m))[0] for m in (ref, other)}
@@ -215,7 +218,8 @@ def paired(job: dict) -> dict:
         q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
         row = {"ref": ref, "method": other, "mode": mode, "status": "ok", "ratio": statistics.median(ratios),
                "q1": q[0], "q3": q[2], "ratios": ratios, "ref_s": statistics.median(times[ref]),
-               "method_s": statistics.median(times[other]), "load": [load_start, os.getloadavg()[0]]}
+               "method_s": statistics.median(times[other]), "load": [load_start, os.getloadavg()[0]],
+               **contention(wall0, cpu0, torch.get_num_threads())}
         if mode == "generate":
             row["same_tokens"] = bool(torch.equal(tokens[ref], tokens[other]))
         out.append(row)
@@ -223,12 +227,12 @@ def paired(job: dict) -> dict:
     return {"status": "ok", "pairs": out}
 
 
-def run_llm(mode: str, out: Path, *, threads: int) -> Path:
+def run_llm(mode: str, out: Path, *, threads: int, repeats: int | None = None) -> Path:
     """Memory rows (one child process per training configuration), then the paired timings (one
     child); writes and returns ``results/llm_<mode>.json``."""
     from benchmarks.speed import run_child
 
-    shape = SHAPES[mode]
+    shape = {**SHAPES[mode], **({"repeats": repeats} if repeats else {})}
     base = {"family": "llm", "threads": threads, **shape}
     start = time.time()
     rows = []
@@ -312,7 +316,14 @@ def markdown(record: dict) -> list[str]:
     job, cfg = record["job"], record["job"]["config"]
     total = next((r["total"] for r in record["rows"] if r.get("status") == "ok"), None)
     loads, cores = _loads(record), os.cpu_count() or 1
-    busy = bool(loads) and max(loads) > cores + 1
+    shares = [p["cpu_share"] for p in record["paired"].get("pairs", []) if p.get("cpu_share") is not None]
+    # A pinned run measures its own share of its cores; the load average also counts other cores' work.
+    busy = min(shares) < 0.9 if shares else bool(loads) and max(loads) > cores + 1
+    if shares:
+        loads_note = (f"; each pair's process had {min(shares):.2f}–{max(shares):.2f} of its cores' time "
+                      "(CPU ÷ wall × threads; the run was pinned to its own core, other work to the other)")
+    else:
+        loads_note = ""
     v = record.get("versions", {})
     head = [
         "## Decoder LLMs: LoRA and prefix tuning on a Llama-shaped model, ours vs HF PEFT", "",
@@ -329,7 +340,7 @@ def markdown(record: dict) -> list[str]:
         "step(s); median of (B ÷ A) with its interquartile range. PEFT's prefix learns one prefix per "
         "key-value head (GQA), ours one per query head, hence 3× the parameters here. "
         f"Run started {record['started']}, took {record['wall_s'] / 60:.1f} min; 1-minute load average "
-        f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} on {cores} cores"
+        f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} on {cores} cores{loads_note}"
         + (": **the machine was oversubscribed by other work: the time ratios are noisy, read their "
            "interquartile ranges; memory is exact**." if busy else "."), ""]
     if record["paired"].get("status") != "ok":

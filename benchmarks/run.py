@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         "order, and pool the timed steps (default 1)")
     parser.add_argument("--families", nargs="*", metavar="KEY", help="only the other vision families "
                         "(benchmarks.families: Swin-T, EVA-02-T, BEiT, ConvNeXt-Atto): all of them, or these keys")
-    parser.add_argument("--repeats", type=int, help="--families: A B B A repetitions of the paired train timings "
+    parser.add_argument("--repeats", type=int, help="--families / --llm: A B B A repetitions of the paired train timings "
                         "(the inference pair: 4x as many); with --methods, 'paired_train' / 'paired_infer' / "
                         "'paired' re-measure those pairs only")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm and not args.report_only:
         from benchmarks.llm import run_llm
 
-        print(f"wrote {run_llm(mode, out, threads=args.threads)}")
+        print(f"wrote {run_llm(mode, out, threads=args.threads, repeats=args.repeats)}")
         print(f"wrote {write_page(out, mode)}")
         return 0
     if args.families is not None and not args.report_only:
