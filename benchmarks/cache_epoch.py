@@ -39,6 +39,7 @@ def run(job: dict) -> dict:
 #: Side tuners reading fewer, deeper blocks with a smaller network: the configuration of the
 #: Y-tuning paper's "<= 2% of the parameters" regime (and of benchmarks/recipes/finefoods/ytuning.yaml).
 TOP_BLOCKS, TOP_HIDDEN = 3, 64
+SMALL_HIDDEN = 32
 
 
 def _spec(job: dict, depth: int) -> dict | tuple:
@@ -49,6 +50,8 @@ def _spec(job: dict, depth: int) -> dict | tuple:
     if job["side"] == "ytuning_top":
         return {"name": "ytuning", "at": f"blocks.{{{depth - TOP_BLOCKS}..{depth - 1}}}",
                 "args": {"num_labels": job["classes"], "hidden": TOP_HIDDEN}}
+    if job["side"] == "ytuning_small":  # every block, a narrow Y-network (benchmarks.side_regime)
+        return _side("ytuning", job, args={"hidden": SMALL_HIDDEN})
     return _side(job["side"], job)
 
 
@@ -114,7 +117,8 @@ def markdown(job: dict, r: dict) -> str:
             f"{job['model']} (random weights{', depth ' + str(job['depth']) if job.get('depth') else ''}), "
             f"{job['samples']} images of {job['img']}×{job['img']}, batch {job['batch']}, {job['threads']} torch "
             f"threads; side tuners {', '.join(f'`{s}`' for s in sides)} (`bypass` and `ytuning` read every block's "
-            f"tokens with their defaults, `ytuning_top` the last {TOP_BLOCKS} blocks with hidden {TOP_HIDDEN}, "
+            f"tokens with their defaults, `ytuning_small` every block with hidden {SMALL_HIDDEN}, `ytuning_top` the last "
+            f"{TOP_BLOCKS} blocks with hidden {TOP_HIDDEN}, "
             "`linear_probe` only the pooled features); cached epoch = median of "
             f"{job.get('epochs', 3)}. Target: a cached epoch ≤ 0.05 of the first.", ""]
     if r["status"] != "ok":

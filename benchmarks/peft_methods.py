@@ -28,8 +28,13 @@ import sys
 ROWS = [("ia3", "peft_ia3", "IA3 (qkv outputs, fc2 inputs)"), ("dora", "peft_dora", "DoRA r=8 on qkv"),
         ("vera", "peft_vera", "VeRA r=256 on qkv"), ("oft", "peft_oft", "OFT block 32 on qkv (Neumann)"),
         ("ssf", "lora", "SSF (qkv, fc1) — no PEFT form: against our LoRA"),
-        ("ia3", "lora", "IA3 against our LoRA (r=8 on qkv only)"),
+        ("ia3", "lora", "IA3 against our LoRA (r=8 on qkv only: other sites, for context)"),
         ("ia3", "lora_ia3_sites", "IA3 against our LoRA r=1 at IA3's sites (qkv, fc2)")]
+#: Rows against our own LoRA carry the issue's memory target only ("no more memory than LoRA at a similar
+#: parameter count"); the LoRA on other sites is context (IA3's fc2-input vector keeps fc2's (B, N, 4D)
+#: input for its gradient, as a LoRA on fc2 does, and a qkv-only LoRA keeps nothing of that size).
+MEMORY_ONLY = {("ssf", "lora"), ("ia3", "lora_ia3_sites")}
+CONTEXT = {("ia3", "lora")}
 REFERENCES = ["full_timm", "lora", "peft_lora"]
 MEMORY_SLACK = 0.005  # equal tensors, equal bytes: a few hundred bytes of bookkeeping apart is "equal"
 
@@ -52,7 +57,8 @@ def run(job: dict) -> dict:
 
     rows = measure(jobs(job), log=lambda line: print(line, file=sys.stderr))
     pairs = paired(dict(job, family="vit", tasks=1, pairs=[(b, a, "train") for a, b, _ in ROWS]))
-    return {"status": "ok", "rows": rows, "pairs": pairs.get("pairs", [])}
+    return {"status": "ok", "rows": rows, "pairs": pairs.get("pairs", []),
+            "contention": {k: pairs.get(k) for k in ("cpu_share", "affinity", "threads")}}
 
 
 def markdown(job: dict, r: dict) -> str:
@@ -64,14 +70,20 @@ def markdown(job: dict, r: dict) -> str:
             f"process). Time: ours and the reference in one process, stepped A B B A × {job['repeats']} after "
             f"{job.get('warmup', 1)} warm-up step(s); the median of (ours ÷ reference) with its interquartile "
             "range. Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
-            "scaling tuners), no more memory than LoRA.", ""]
+            "scaling tuners), no more memory than LoRA at a similar parameter count; IA3's fc2-input vector needs "
+            "fc2's (B, N, 4D) input for its gradient, as a LoRA on fc2 does, so the like-for-like LoRA is the one "
+            "at IA3's sites.", ""]
     if r.get("status") != "ok":
         return "\n".join(head + [f"Pending: {r.get('reason')}", ""])
     by = {row["method"]: row for row in r["rows"] if row.get("status") == "ok"}
     times = {(p["method"], p["ref"]): p for p in r["pairs"]}
     full = by.get("full_timm", {}).get("peak_mib")
     loads = [x for row in r["rows"] for x in row.get("load", [])]
-    if loads:
+    share = (r.get("contention") or {}).get("cpu_share")
+    if share is not None:
+        head[-2] += (f" The paired timings ran pinned to their own core (other work pinned to the other); their "
+                     f"process had {share:.2f} of its core's time (CPU ÷ wall × threads).")
+    elif loads:
         head[-2] += (f" The 1-minute load average was {min(loads):.1f}–{max(loads):.1f} on {r['rows'][0].get('cores')} "
                      "cores during the run (other sessions' work): time ratios are noisy, memory is not.")
     lines = head + ["| method | tunable (ours / ref) | ours (MiB) | reference (MiB) | ours ÷ ref memory | × full FT memory "
@@ -84,9 +96,12 @@ def markdown(job: dict, r: dict) -> str:
             continue
         mem = a["peak_mib"] / b["peak_mib"]
         time_cell = f"{t['ratio']:.3f} ({t['q1']:.3f}–{t['q3']:.3f})" if t else "–"
+        key = (ours, ref)
+        mem_verdict = "context" if key in CONTEXT else "met" if mem <= 1 + MEMORY_SLACK else "**missed**"
+        time_verdict = "not a target" if key in CONTEXT | MEMORY_ONLY else _time_verdict(t)
         lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.1f} | {b['peak_mib']:.1f} | "
-                     f"{mem:.3f} | {a['peak_mib'] / full:.2f} | {'met' if mem <= 1 + MEMORY_SLACK else '**missed**'} | "
-                     f"{time_cell} | {_time_verdict(t)} |" if full else f"| {label} | | | | | | | | no full_timm reference |")
+                     f"{mem:.3f} | {a['peak_mib'] / full:.2f} | {mem_verdict} | "
+                     f"{time_cell} | {time_verdict} |" if full else f"| {label} | | | | | | | | no full_timm reference |")
     refs = ", ".join(f"{m} {by[m]['peak_mib']:.1f} MiB" for m in REFERENCES if m in by)
     return "\n".join(lines + ["", f"References in the same run: {refs}.", ""])
 

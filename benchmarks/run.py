@@ -87,7 +87,7 @@ def _section(kind: str, module: str, job: dict, mode: str, out: Path) -> dict:
 
 def cache_epochs(mode: str, out: Path, *, threads: int) -> dict:
     """Epochs from cached features (``benchmarks.cache_epoch``)."""
-    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "ytuning_top", "linear_probe"],
+    job = {**CACHE[mode], "classes": 10, "sides": ["bypass", "ytuning", "ytuning_small", "ytuning_top", "linear_probe"],
            "threads": threads, "epochs": 3}
     return _section("cache", "benchmarks.cache_epoch", job, mode, out)
 
