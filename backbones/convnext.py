@@ -218,7 +218,8 @@ class ConvNeXtBackbone(StagedBackbone):
         mods = {"conv_dw": block.conv_dw, "norm": block.norm, "mlp": m, "gamma": block.gamma,
                 "shortcut": block.shortcut, "downsample": down}
         spec = SiteSpec(p, "block", block.conv_dw.in_channels, frozenset({"parallel", "sequential", "unfreeze"}),
-                        out_dim=block.conv_dw.out_channels, layer=i, refused=REFUSED, info={"stage": s})
+                        out_dim=block.conv_dw.out_channels, layer=i, refused=REFUSED, info={"stage": s},
+                        features=frozenset({"spatial"}))
         slots = {"block": self.add_site(spec, OpHandle(p, {k: v for k, v in mods.items() if v is not None})),
                  "conv_dw": self._conv_site(f"{p}.conv_dw", block.conv_dw, i, s)}
         if down is not None:

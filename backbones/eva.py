@@ -292,14 +292,14 @@ class PreNormTimmBackbone(Backbone):
         for i, block in enumerate(model.blocks):
             a, p = block.attn, f"blocks.{i}"
             common = {"layer": i, "num_heads": a.num_heads, "head_dim": head_dim(a), "prefix_tokens": npt,
-                      "features": features, "refused": refused, "info": info}
+                      "features": features | {"spatial"}, "refused": refused, "info": info}
             attn_mods = {"norm1": block.norm1, "attn": a, "gamma_1": block.gamma_1}
             mlp_mods = {"norm2": block.norm2, "mlp": block.mlp, "gamma_2": block.gamma_2}
             slots = {
                 "block": self.add_site(SiteSpec(p, "block", dim, OP_PLACEMENTS | {"prompt"}, **common),
                                        handle(p, {**attn_mods, **mlp_mods}, block.norm1, a, i)),
                 "attn": self.add_site(SiteSpec(f"{p}.attn", "attn", dim, OP_PLACEMENTS | {"prefix"},
-                                               **{**common, "features": features | attn_features(a)}),
+                                               **{**common, "features": common["features"] | attn_features(a)}),
                                       handle(f"{p}.attn", attn_mods, block.norm1, a, i)),
                 "mlp": self.add_site(SiteSpec(f"{p}.mlp", "mlp", dim, OP_PLACEMENTS, **common),
                                      handle(f"{p}.mlp", mlp_mods, block.norm2, a, i)),

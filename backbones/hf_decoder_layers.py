@@ -169,12 +169,7 @@ def around(slot: Slot, x: Tensor, op: Callable, mask: Tensor, ctx: Context) -> t
     if not ctx.decoding or not slot.of("prompt"):
         return slot.around(x, op, mask)
     replace = slot.of("replace")
-    y = replace[-1](x, slot.handle) if replace else op(x, mask)
-    for tuner in slot.of("parallel"):
-        y = y + tuner(x, slot.handle)
-    for tuner in slot.of("sequential"):
-        y = y + tuner(y, slot.handle)
-    return y, mask
+    return slot.beside(x, replace[-1](x, slot.handle) if replace else op(x, mask), mask), mask
 
 
 def is_quantised(layer: nn.Module) -> str | None:
@@ -299,7 +294,7 @@ class DecoderLayer(nn.Module):
 
     def _block(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         x = x + self.slots["attn"].apply(x, lambda t, m: self._attn_op(t, m, ctx), mask)
-        return x + self.slots["mlp"].apply(x, lambda t, m: self._mlp_op(t))
+        return x + self.slots["mlp"].apply(x, lambda t, m: self._mlp_op(t), mask)
 
     def _attn_op(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         h = self.attn_norm(x)

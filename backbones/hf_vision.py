@@ -292,7 +292,7 @@ class HFVisionBackbone(HFFolderExport, Backbone):
         attn, norm1, norm2 = getattr(layer, f.attn), getattr(layer, f.norm1), getattr(layer, f.norm2)
         ls = [getattr(layer, n) for n in f.layer_scale] if f.layer_scale else [None, None]
         common = {"layer": i, "num_heads": heads, "head_dim": attn.q_proj.out_features // heads, "prefix_tokens": npt,
-                  "features": frozenset({"query", "key_value"}), "info": info}
+                  "features": frozenset({"query", "key_value", "spatial"}), "info": info}
         mods_attn, mods_mlp = {"norm1": norm1, "attn": attn, "ls1": ls[0]}, {"norm2": norm2, "mlp": layer.mlp, "ls2": ls[1]}
         slots = {
             "block": self.add_site(SiteSpec(p, "block", dim, OP_PLACEMENTS | {"prompt"}, **common),

@@ -298,7 +298,7 @@ class SwinBackbone(StagedBackbone):
         a, dim, p = block.attn, block.dim, f"blocks.{i}"
         head_dim = a.qkv.out_features // (3 * a.num_heads)
         common = {"layer": i, "num_heads": a.num_heads, "head_dim": head_dim, "info": info,
-                  "features": frozenset({"query", "key_value"}), "refused": {"prompt": PROMPT_REFUSED}}
+                  "features": frozenset({"query", "key_value", "spatial"}), "refused": {"prompt": PROMPT_REFUSED}}
         mods_attn = {"norm1": block.norm1, "attn": block.attn}
         mods_mlp = {"norm2": block.norm2, "mlp": block.mlp}
         mods_block = {**mods_attn, **mods_mlp, **({"downsample": merge} if merge is not None else {})}

@@ -227,7 +227,7 @@ class ViTBackbone(Backbone):
     def _block_slots(self, i: int, block: Block, info: dict) -> dict[str, Slot]:
         a, dim, npt = block.attn, self.model.embed_dim, self.model.num_prefix_tokens
         common = {"layer": i, "num_heads": a.num_heads, "head_dim": a.head_dim, "prefix_tokens": npt,
-                  "features": frozenset({"query", "key_value"}), "info": info}
+                  "features": frozenset({"query", "key_value", "spatial"}), "info": info}
         p = f"blocks.{i}"
         mods_attn = {"norm1": block.norm1, "attn": block.attn, "ls1": block.ls1}
         mods_mlp = {"norm2": block.norm2, "mlp": block.mlp, "ls2": block.ls2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,6 +23,9 @@ class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+NO_GRID = ("convpass convolves over the 2-D image grid of the tokens, and this site's tokens have no spatial layout "
+           "(text or another sequence); use a token-wise tuner here (adapter, lora)")
+
 
 @register_tuner("convpass")
 class Convpass(Tuner):
@@ -29,7 +33,9 @@ class Convpass(Tuner):
     attention, FFN or block operation, with the convolution over the spatial layout of the tokens:
     the hard-coded inductive bias ViTs lack.
 
-    Feature maps (B, H, W, C) (ConvNeXt) are convolved as they are. Tokens (B, N, C) are laid out
+    Sites need the feature ``spatial`` (their tokens lie on a 2-D grid: the vision adapters
+    declare it); text and other sequences are refused at attach. Feature maps (B, H, W, C)
+    (ConvNeXt) are convolved as they are. Tokens (B, N, C) are laid out
     on their grid: ``SiteSpec.info["grid"]`` where the backbone gives it (Swin), else a square
     grid; class/register tokens (``prefix_tokens``) are convolved as 1x1 maps, so only the
     kernel's centre tap acts on them, as in the paper. The convolution starts as the identity on
@@ -41,7 +47,15 @@ class Convpass(Tuner):
 
     placement = "parallel"
     site_kinds = frozenset({"attn", "mlp", "block"})
+    requires = frozenset({"spatial"})  # the site's tokens lie on a 2-D grid (vision adapters declare it)
     paper = "https://arxiv.org/abs/2208.07463"
+
+    @classmethod
+    def check_site(cls, site: SiteSpec) -> None:
+        """Refuse, before anything is built, sites whose tokens have no 2-D layout (text, sequences)."""
+        if "spatial" not in site.features and "spatial" not in site.refused:
+            site = dataclasses.replace(site, refused={**site.refused, "spatial": NO_GRID})
+        super().check_site(site)
 
     def __init__(self, site: SiteSpec, *, hidden: int = 8, kernel_size: int = 3, scale: float = 1.0,
                  act: str = "quick_gelu", dropout: float = 0.1, layernorm: bool = False) -> None:

@@ -24,14 +24,16 @@ class LoReFT(Tuner):
     with ``R`` (r, D) of orthonormal rows (here the Q factor of a free matrix, so it stays
     orthonormal while trained), ``W`` (r, D) and ``b`` (r) learned. The edit moves ``h`` only
     inside R's row space, where it sets ``R Φ(h) = W h + b``. Placement ``sequential`` (on
-    ``blocks.{i}``: the residual stream after layer i). Positions: the ``first`` tokens and the
-    ``last`` tokens of the sequence (ReFT's "f+l"); ``last`` counts from the end of the (padded)
-    sequence, since the operation's output carries no mask: with right-padded text use ``first``
-    only. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
+    ``blocks.{i}``: the residual stream after layer i). Positions: the ``first`` and the ``last``
+    REAL tokens of each row (ReFT's "f+l"): the tuner takes the site's padding mask
+    (``takes_mask``), so padding on either side is never edited and a row with fewer than
+    ``first + last`` real tokens has each of them edited once. Prompt tokens inserted at the same
+    site count as real tokens; without a mask (vision) every token is real. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
     has ``nn.Linear``'s initialisation, so the edit is not the identity at init (nor in the paper).
     """
 
     placement = "sequential"
+    takes_mask = True
     site_kinds = frozenset({"block", "attn", "mlp"})
     paper = "https://arxiv.org/abs/2404.03592"
 
@@ -57,10 +59,21 @@ class LoReFT(Tuner):
         r = self.rotation()
         return self.dropout((self.source(h) - h @ r.T) @ r)
 
-    def forward(self, y: Tensor, op: OpHandle) -> Tensor:  # (B, N, D) -> (B, N, D)
-        n = y.shape[1]
-        first = min(self.first, n)
-        index = torch.cat([torch.arange(first), torch.arange(max(n - self.last, first), n)]).to(y.device)
-        out = torch.zeros_like(y)
-        out[:, index] = self.edit(y[:, index])  # only the chosen positions are edited
-        return out
+    def chosen(self, mask: Tensor) -> Tensor:  # (B, N) bool, True at real tokens -> (B, N) bool
+        """The positions edited: each row's first ``first`` and last ``last`` real tokens."""
+        rank = mask.cumsum(1) - 1  # (B, N): index of each real token among its row's real tokens
+        count = mask.sum(1, keepdim=True)  # (B, 1)
+        tail = torch.clamp(count - self.last, min=self.first)  # (B, 1): no position is both first and last
+        return mask & ((rank < self.first) | (rank >= tail))
+
+    def forward(self, y: Tensor, op: OpHandle, mask: Tensor | None = None) -> Tensor:  # (B, N, D) -> (B, N, D)
+        b, n, d = y.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=y.device)
+        chosen = self.chosen(mask.bool())  # (B, N)
+        k = min(self.first + self.last, n)
+        index = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :k]  # (B, K): chosen ones first
+        keep = chosen.gather(1, index)[..., None]  # (B, K, 1): False in rows with fewer than K real tokens
+        index = index[..., None].expand(b, k, d)  # (B, K, D)
+        edits = torch.where(keep, self.edit(y.gather(1, index)), 0.0)  # (B, K, D)
+        return torch.zeros_like(y).scatter(1, index, edits)  # only the chosen positions are edited

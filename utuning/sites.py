@@ -35,8 +35,10 @@ class SiteSpec:
     ``placements`` are the placements the site offers; ``refused`` maps a placement the site
     cannot take to the reason (shown in the error). ``features`` lists what the site's operation
     handle can do for tuners (``query``: the frozen query projection; ``key_value``: the frozen
-    key/value projections). ``prefix_tokens`` is how many leading tokens (class, register) prompt
-    tokens are inserted after.
+    key/value projections) and what its tensors are (``spatial``: the tokens after the
+    ``prefix_tokens``, or the feature map, lie on a 2-D image grid; ``convpass`` needs it).
+    ``refused`` may also map a missing feature to the reason. ``prefix_tokens`` is how many
+    leading tokens (class, register) prompt tokens are inserted after.
     """
 
     name: str

@@ -7,6 +7,7 @@ The placements (what a tuner's ``forward`` receives and returns):
 =============  ==========================================================================
 parallel       ``y = OP(x) + U(x)``: ``forward(x, op) -> (B, N, D_out)`` reads OP's input
 sequential     ``y = OP(x); y = y + U(y)``: ``forward(y, op) -> (B, N, D_out)``
+               (both: ``forward(.., op, mask=)`` with the padding mask if ``takes_mask``)
 prompt         tokens inserted after the class/register tokens before OP and removed after
                it (unless ``keep_outputs``): ``forward(batch_size, op) -> (B, P, D)``
 prefix         keys/values joined inside attention: ``forward(batch_size, op) -> (k, v)``,
@@ -97,14 +98,20 @@ class Slot(nn.Module):
             if not tuner.keep_outputs:
                 inserted += tokens.shape[1]
         replace = self.of("replace")
-        y = replace[-1](x, self.handle) if replace else op(x, mask)
-        for tuner in self.of("parallel"):
-            y = y + tuner(x, self.handle)
-        for tuner in self.of("sequential"):
-            y = y + tuner(y, self.handle)
+        y = self.beside(x, replace[-1](x, self.handle) if replace else op(x, mask), mask)
         if inserted:
             y, mask = remove_tokens(y, inserted, after, mask)
         return y, mask
+
+    def beside(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``y = OP(x)`` plus the parallel tuners of ``x``, then the sequential tuners of ``y``.
+        Tuners with ``takes_mask`` also get ``mask=``: (B, N) bool, True at real tokens, or None
+        (every token real)."""
+        for tuner in self.of("parallel"):
+            y = y + (tuner(x, self.handle, mask=mask) if tuner.takes_mask else tuner(x, self.handle))
+        for tuner in self.of("sequential"):
+            y = y + (tuner(y, self.handle, mask=mask) if tuner.takes_mask else tuner(y, self.handle))
+        return y
 
     def apply(self, x: Tensor, op: Op, mask: Tensor | None = None) -> Tensor:
         """``around`` for operations that keep the token count (attn, mlp, head)."""

@@ -54,6 +54,9 @@ class Tuner(nn.Module):
     keep_outputs: bool = False
     # prefix tuners: ask attention for the exact parallel form.
     decomposed: bool = False
+    # parallel/sequential tuners: ``forward`` also receives ``mask=`` (B, N) bool, True at real
+    # tokens (None: every token real), e.g. to find each row's last real token (LoReFT).
+    takes_mask: ClassVar[bool] = False
     # reparam tuners: folded into the frozen layer by ``merge``.
     merged: bool = False
     # reparam tuners: whether ``reparam_input`` changes the layer's input (RepAdapter, IA3 on
