@@ -34,7 +34,8 @@ METHODS = ["full", "linear_probe", "ytuning", "bypass", "dual_u_tuner", "adapter
 STUDIES = {"finefoods": METHODS, "fashion_to_mnist": METHODS, "vader": ["full", "linear_probe", "ytuning"],
            # issue 11: the side tuners' defaults against the small-network regime (benchmarks.side_regime)
            "mnist_side_regime": ["linear_probe", "ytuning_top", "ytuning_small", "ytuning_default", "bypass_h10",
-                                 "bypass"]}
+                                 "bypass"],
+           "finefoods_side_regime": ["ytuning_default"]}
 REDUCED = {"finefoods": ["data.args.subset=2000", "train.epochs=1"],
            "fashion_to_mnist": ["data.args.subset=1000", "train.epochs=1"],
            "vader": ["data.args.subset=2000", "train.epochs=1"]}
@@ -104,6 +105,9 @@ STUDY_TITLES = {
     "mnist_side_regime": "side tuners' defaults against the small-network regime (issue 11): the small ViT "
                          "pretrained here on Fashion-MNIST (a 2-epoch schedule; 0.791 on Fashion-MNIST test), frozen, "
                          "transferred to MNIST-5k (4,000 / 1,000) from cached features",
+    "finefoods_side_regime": "side tuners' defaults against the small-network regime (issue 11): fine-food Y-tuning "
+                             "with the tuner's default width; the study's recipe (hidden 48) is the `ytuning` row of "
+                             "`finefoods` above",
     "vader": "MiniLM-L6 (all-MiniLM-L6-v2, pretrained) on VADER lexicon words in 4 valence classes "
              "(`vader_valence`, edges -2 / 0 / 2; 6,016 / 1,504; always answering the majority class scores 0.415)",
 }

@@ -30,6 +30,7 @@ from pathlib import Path
 from torch import nn
 
 from benchmarks.methods import Built, _count, _head
+from benchmarks.report import MIN_CPU_SHARE  # a paired run below it competed with other work: no verdict
 
 #: key -> timm model name, extra ``create_model`` arguments, LoRA sites and the Dual-U-Tuner's specs.
 #: A Dual-U-Tuner is a parallel tuner on MHA and on FFN; a ConvNeXt block has neither, so its
@@ -192,9 +193,6 @@ def _loads(record: dict) -> list[float]:
     return rows + list(record.get("paired", {}).get("result", {}).get("load", []))
 
 
-#: A paired run that had less than this share of its cores' time (CPU time ÷ wall time × threads)
-#: competed with other work on them: no verdict.
-MIN_CPU_SHARE = 0.9
 
 
 def _busy(record: dict, pair: dict | None) -> bool:

@@ -129,6 +129,7 @@ def run_job(job: dict) -> dict:
         rss_method = "VmHWM (reset before the timed steps) - RSS then" if _reset_peak_rss() \
             else "ru_maxrss - RSS before the timed steps (peak reset refused: may include the build's own peak)"
     times = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(job["warmup"] + job["iters"]):
         start = time.perf_counter()
         step()
@@ -136,14 +137,16 @@ def run_job(job: dict) -> dict:
             torch.cuda.synchronize()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - start)
-    extra = {}
+    from benchmarks.paired import contention
+
+    extra = {} if cuda else contention(wall0, cpu0, torch.get_num_threads())
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = tensor_peak
         rss = _status_kib("VmHWM") * 1024 if rss_method.startswith("VmHWM") \
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        extra = {"rss_peak_mib": max(rss - base, 0) / 2**20, "rss_method": rss_method}
+        extra.update(rss_peak_mib=max(rss - base, 0) / 2**20, rss_method=rss_method)
     return {
         "status": "ok",
         "median_s": statistics.median(times),

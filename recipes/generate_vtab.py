@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT.parent))
 from utuning.data.vtab import DATASET_PREFIX, VTAB_TASKS  # noqa: E402
 
 VTAB_METHODS = ["full", "linear", "vpt_deep", "adapter", "adaptformer", "lora", "ssf", "u_tuning", "dual_u_tuner",
-                "tri_u_tuner", "res_tuning_bypass"]
+                "tri_u_tuner", "res_tuning_bypass", "ytuning"]
 
 PROTOCOL = """\
 # The VTAB-1k protocol of NOAH (Zhang et al. 2022, arXiv 2206.04673) that U-Tuning (arXiv 2303.00690)

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent
 
 VISION_DATA = ["cifar100", "cub200", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 VISION_METHODS = ["full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "prefix", "adapter", "adaptformer", "lora",
-                  "ssf", "u_tuning", "dual_u_tuner", "tri_u_tuner", "res_tuning_bypass"]
+                  "ssf", "u_tuning", "dual_u_tuner", "tri_u_tuner", "res_tuning_bypass", "ytuning"]
 TEXT_MODELS = {"bert_base": "bert-base-uncased", "roberta_base": "roberta-base", "deberta_v3_base": "microsoft/deberta-v3-base"}
 GLUE_TASKS = ["sst2", "mrpc", "cola", "qnli", "rte", "stsb"]
 TEXT_METHODS = ["full", "linear", "bitfit", "prefix", "adapter", "lora", "ytuning"]

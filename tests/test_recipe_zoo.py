@@ -14,7 +14,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LEAVES = sorted(p for p in RECIPES.rglob("*.yaml") if "base" not in p.relative_to(RECIPES).parts)
 VISION_DATA = ["cifar100", "cub200", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 VISION_METHODS = ["full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "prefix", "adapter", "adaptformer", "lora",
-                  "ssf", "u_tuning", "dual_u_tuner", "tri_u_tuner", "res_tuning_bypass"]
+                  "ssf", "u_tuning", "dual_u_tuner", "tri_u_tuner", "res_tuning_bypass", "ytuning"]
 
 
 def structure(recipe) -> str:

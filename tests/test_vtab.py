@@ -19,7 +19,7 @@ from utuning.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 VTAB = REPO / "recipes" / "vtab"
 METHODS = ["full", "linear", "vpt_deep", "adapter", "adaptformer", "lora", "ssf", "u_tuning", "dual_u_tuner",
-           "tri_u_tuner", "res_tuning_bypass"]
+           "tri_u_tuner", "res_tuning_bypass", "ytuning"]
 
 
 def write_task(root: Path, task: str, *, per_split: int = 4, size: int = 12) -> Path:
@@ -102,12 +102,12 @@ def test_recipes_are_generated_for_every_task_and_method() -> None:
 
 
 def test_every_recipe_passes_check_tiny(capsys) -> None:
-    """All 209 recipes in one process: validation, the tiny model with the task's head, one forward."""
+    """All 228 recipes in one process: validation, the tiny model with the task's head, one forward."""
     paths = [str(VTAB / t / f"{m}.yaml") for t in VTAB_TASKS for m in METHODS]
     code = cli.main(["check", "--tiny", *paths])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert out.out.count("ok ") == len(paths) == 209
+    assert out.out.count("ok ") == len(paths) == 228
     # Linear probe of the tiny ViT (width 32): 32 x C + C tunable parameters for each task's C classes.
     for task, (classes, _, _) in VTAB_TASKS.items():
         assert f"vtab_{task}_linear, 1 tuners, {33 * classes:,} / " in out.out
