@@ -55,6 +55,12 @@ def oversubscribed(record: dict) -> bool:
     return bool(loads) and max(loads) > cores + 1
 
 
+def _same_threads(row: dict, ref: dict) -> bool:
+    """Whether two rows ran with the same number of torch threads (a time ratio across thread counts
+    measures the threads, not the method)."""
+    return row.get("threads") == ref.get("threads")
+
+
 def ratios(record: dict) -> dict[str, dict]:
     """method -> {train_time, train_mem, infer_time} relative to the plain model, as numbers (times
     are NaN when the run was oversubscribed)."""
@@ -68,11 +74,11 @@ def ratios(record: dict) -> dict[str, dict]:
             continue
         d = out.setdefault(r["method"], {})
         if r["mode"] == "train" and ref_train:
-            d["train_time"] = r["median_s"] / ref_train["median_s"] if timed else math.nan
+            d["train_time"] = r["median_s"] / ref_train["median_s"] if timed and _same_threads(r, ref_train) else math.nan
             d["train_mem"] = r["peak_mib"] / ref_train["peak_mib"] if ref_train["peak_mib"] else math.nan
             d["tunable"] = r["tunable"] / r["total"]
         if r["mode"] == "infer" and ref_infer:
-            d["infer_time"] = r["median_s"] / ref_infer["median_s"] if timed else math.nan
+            d["infer_time"] = r["median_s"] / ref_infer["median_s"] if timed and _same_threads(r, ref_infer) else math.nan
         d.setdefault("tunable", r["tunable"] / r["total"] if r.get("total") else math.nan)
     return out
 
@@ -125,7 +131,11 @@ def train_table(record: dict) -> list[str]:
             continue
         q = rat[r["method"]]
         target, ok = _target(r["method"], q)
-        if ok is not None and _other_run(record, r, "full_timm", "full_hf"):
+        ref = _ok(rows, "full_timm", "train") or _ok(rows, "full_hf", "train")
+        if ref and not _same_threads(r, ref):
+            target, ok = (f"{r.get('threads')} torch thread(s) against the reference's {ref.get('threads')}: no time "
+                          "ratio (memory is thread-independent; time in the paired sections)"), None
+        elif ok is not None and _other_run(record, r, "full_timm", "full_hf"):
             target, ok = f"{target}; reference from another run: no verdict (see the paired timings)", None
         lines.append(f"| {_name(record, r)} | {_f(q['tunable'] * 100)}% | {r['median_s']:.3f} | {_f(q['train_time'])} | "
                      f"{r['peak_mib']:.0f} | {_f(q['train_mem'])} | {target} | {_mark(ok)} |")
