@@ -27,7 +27,7 @@ def test_quick_mode_writes_page_plots_and_results(quick):
     records = [json.loads(p.read_text()) for p in (quick / "results").glob("speed_quick_*.json")]
     assert {r["model"] for r in records} == {"vit_small_patch16_224", "bert-base"}
     cache = json.loads((quick / "results" / "cache_quick.json").read_text())["result"]
-    assert cache["status"] == "ok" and set(cache["sides"]) == {"bypass", "ytuning", "ytuning_top", "linear_probe"}
+    assert cache["status"] == "ok" and set(cache["sides"]) == {"bypass", "ytuning", "ytuning_small", "ytuning_top", "linear_probe"}
     assert all(math.isfinite(q["cached_over_first"]) and 0 < q["cached_over_first"] for q in cache["sides"].values())
     assert "## Epochs from cached features" in page and "| linear_probe |" in page
     pairs = json.loads((quick / "results" / "paired_quick.json").read_text())["result"]
