@@ -28,7 +28,8 @@ class LoReFT(Tuner):
     REAL tokens of each row (ReFT's "f+l"): the tuner takes the site's padding mask
     (``takes_mask``), so padding on either side is never edited and a row with fewer than
     ``first + last`` real tokens has each of them edited once. Prompt tokens inserted at the same
-    site count as real tokens; without a mask (vision) every token is real. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
+    site count as real tokens; without a mask (vision) every token is real; a feature map
+    (B, H, W, D) (ConvNeXt) is read in raster order. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
     has ``nn.Linear``'s initialisation, so the edit is not the identity at init (nor in the paper).
     """
 
@@ -67,6 +68,8 @@ class LoReFT(Tuner):
         return mask & ((rank < self.first) | (rank >= tail))
 
     def forward(self, y: Tensor, op: OpHandle, mask: Tensor | None = None) -> Tensor:  # (B, N, D) -> (B, N, D)
+        if y.dim() > 3:  # a feature map (B, H, W, D): its positions in raster order
+            return self.forward(y.flatten(1, -2), op, mask).view_as(y)
         b, n, d = y.shape
         if mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=y.device)
