@@ -200,11 +200,12 @@ def peft_table(record: dict, pairs) -> list[str]:
                              f"{_reason(skipped[0])} | | | |")
             if not (a and b):
                 continue
-            t = a["median_s"] / b["median_s"] if timed else math.nan
+            same = timed and _same_threads(a, b)  # a time ratio across thread counts measures the threads
+            t = a["median_s"] / b["median_s"] if same else math.nan
             m = a["peak_mib"] / b["peak_mib"] if b["peak_mib"] else math.nan
-            ok = (t <= 1.0 if timed else True) and not m > 1.0
+            ok = (t <= 1.0 if same else True) and not m > 1.0
             lines.append(f"| {label} | {mode} | {a['median_s']:.3f} / {a['peak_mib']:.0f} | {b['median_s']:.3f} / "
-                         f"{b['peak_mib']:.0f} | {_f(t)} | {_f(m)} | {_mark(ok)}{'' if timed else ' (memory only)'} |")
+                         f"{b['peak_mib']:.0f} | {_f(t)} | {_f(m)} | {_mark(ok)}{'' if same else ' (memory only)'} |")
     return lines
 
 
