@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.methods import Built, Unavailable, _count
+from benchmarks.report import MIN_CPU_SHARE
 
 LLAMA_100M = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
               "intermediate_size": 2048, "vocab_size": 32000, "tie_word_embeddings": True,
@@ -193,7 +194,7 @@ def paired(job: dict) -> dict:
     """Each pair of ``job['pairs']`` built in this process and stepped A B B A x ``repeats`` after
     ``warmup`` steps of each: the median of (B time ÷ A time), its quartiles, the median times.
     Generation pairs also record whether both sides produced the same greedy tokens."""
-    from benchmarks.paired import contention
+    from benchmarks.paired import abba, contention
 
     out = []
     for ref, other, mode, _ in job["pairs"]:
@@ -208,18 +209,9 @@ def paired(job: dict) -> dict:
         tokens = {m: steps[m]() for m in (ref, other)}  # also the warm-up
         for _ in range(job["warmup"] - 1):
             steps[ref](), steps[other]()
-        ratios, times = [], {ref: [], other: []}
-        for _ in range(job["repeats"]):
-            for m in (ref, other, other, ref):
-                start = time.perf_counter()
-                steps[m]()
-                times[m].append(time.perf_counter() - start)
-            ratios.append(sum(times[other][-2:]) / sum(times[ref][-2:]))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        row = {"ref": ref, "method": other, "mode": mode, "status": "ok", "ratio": statistics.median(ratios),
-               "q1": q[0], "q3": q[2], "ratios": ratios, "ref_s": statistics.median(times[ref]),
-               "method_s": statistics.median(times[other]), "load": [load_start, os.getloadavg()[0]],
-               **contention(wall0, cpu0, torch.get_num_threads())}
+        row = {"ref": ref, "method": other, "mode": mode, "status": "ok",
+               **abba(steps, ref, other, job["repeats"], quantiles="inclusive"),
+               "load": [load_start, os.getloadavg()[0]], **contention(wall0, cpu0, torch.get_num_threads())}
         if mode == "generate":
             row["same_tokens"] = bool(torch.equal(tokens[ref], tokens[other]))
         out.append(row)
@@ -318,7 +310,7 @@ def markdown(record: dict) -> list[str]:
     loads, cores = _loads(record), os.cpu_count() or 1
     shares = [p["cpu_share"] for p in record["paired"].get("pairs", []) if p.get("cpu_share") is not None]
     # A pinned run measures its own share of its cores; the load average also counts other cores' work.
-    busy = min(shares) < 0.9 if shares else bool(loads) and max(loads) > cores + 1
+    busy = min(shares) < MIN_CPU_SHARE if shares else bool(loads) and max(loads) > cores + 1
     if shares:
         loads_note = (f"; each pair's process had {min(shares):.2f}–{max(shares):.2f} of its cores' time "
                       "(CPU ÷ wall × threads; the run was pinned to its own core, other work to the other)")

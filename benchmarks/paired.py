@@ -65,18 +65,24 @@ def run(job: dict) -> dict:
         for _ in range(job.get("warmup", 1)):
             steps[ref]()
             steps[other]()
-        ratios, times = [], {ref: [], other: []}
-        for _ in range(job["repeats"]):
-            for method in (ref, other, other, ref):
-                start = time.perf_counter()
-                steps[method]()
-                times[method].append(time.perf_counter() - start)
-            ratios.append(sum(times[other][-2:]) / sum(times[ref][-2:]))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        out.append({"ref": ref, "method": other, "mode": mode, "ratio": statistics.median(ratios),
-                    "q1": q[0], "q3": q[2], "ratios": ratios, "ref_s": statistics.median(times[ref]),
-                    "method_s": statistics.median(times[other])})
+        out.append({"ref": ref, "method": other, "mode": mode, **abba(steps, ref, other, job["repeats"])})
     return {"status": "ok", "pairs": out, **contention(wall0, cpu0, threads)}
+
+
+def abba(steps: dict, ref: str, other: str, repeats: int, quantiles: str = "exclusive") -> dict:
+    """Step ``steps[ref]`` and ``steps[other]`` in the order A B B A, ``repeats`` times: the median of
+    (B time ÷ A time) over the repetitions, its quartiles (``statistics.quantiles`` ``method``), every
+    ratio and each side's median step time."""
+    ratios, times = [], {ref: [], other: []}
+    for _ in range(repeats):
+        for method in (ref, other, other, ref):
+            start = time.perf_counter()
+            steps[method]()
+            times[method].append(time.perf_counter() - start)
+        ratios.append(sum(times[other][-2:]) / sum(times[ref][-2:]))
+    q = statistics.quantiles(ratios, n=4, method=quantiles) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2], "ratios": ratios,
+            "ref_s": statistics.median(times[ref]), "method_s": statistics.median(times[other])}
 
 
 def contention(wall0: float, cpu0: float, threads: int) -> dict:

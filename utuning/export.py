@@ -18,7 +18,6 @@ the atomic writes and the folding of a trained linear head into the model's own 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from utuning.errors import ConfigError, UnsupportedModelError
-from utuning.files import atomic_write
+from utuning.files import atomic_folder, atomic_write
 
 KINDS = ("file", "folder")
 
@@ -87,18 +86,7 @@ def write_atomically(path: Path, kind: str, write: Callable[[Path], Any]) -> Any
         returned: list[Any] = []
         atomic_write(path, lambda tmp: returned.append(write(tmp)))
         return returned[0]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        result = write(tmp)
-        for file in (p for p in tmp.rglob("*") if p.is_file()):
-            with open(file, "rb+") as f:  # on disk before the rename makes the folder visible
-                os.fsync(f.fileno())
-        os.replace(tmp, path)  # ``check_target`` made sure ``path`` is absent or an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
+    return atomic_folder(path, write)  # ``check_target`` made sure ``path`` is absent or an empty folder
 
 
 def fold_heads(model: Any, keys: list[str], tensors: dict[str, Tensor]) -> tuple[list[str], dict[str, str]]:

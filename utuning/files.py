@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` fills a temporary empty sibling folder of ``path``, whose files are synced and
+    which is then renamed to ``path`` (absent, or an empty folder); on any error the temporary is
+    removed and ``path`` untouched. Returns what ``write`` returned."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = write(tmp)
+        for file in (p for p in tmp.rglob("*") if p.is_file()):
+            with open(file, "rb+") as f:  # on disk before the rename makes the folder visible
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def atomic_text(path: str | Path, text: str) -> Path:
