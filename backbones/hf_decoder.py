@@ -35,6 +35,7 @@ explicitly, after which ``merge`` works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ from utuning.backbones.hf_decoder_layers import (
     LlamaLayer,
     around,
     is_quantised,
+    rms_norm,
+    signed_angles,
 )
 from utuning.backbones.hf_decoder_quant import QUANTIZERS, dequantized, gguf_folder, quantize_linears
 from utuning.backbones.hf_export import HFFolderExport
@@ -336,7 +339,7 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
         else:
             x = base.embed_tokens(input_ids)
             same = bool((pos == pos[:1]).all())  # rows share positions (no padding): one copy of the angles, as HF
-            rotary = base.rotary_emb(x, pos[:1] if same else pos)  # cos, sin (B or 1, N, Dh)
+            rotary = signed_angles(*base.rotary_emb(x, pos[:1] if same else pos))  # cos, sin (B or 1, N, Dh)
         ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and bool(valid.all()))
         x, mask = around(self.slot("embed"), x, lambda t, _: t, valid, ctx)  # (B, P + N, D)
         if self.family.gpt2:
@@ -351,7 +354,7 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
                 outs[i] = x[:, x.shape[1] - n:]
         if cache is not None:
             cache.next_pos = past + valid.sum(1)
-        norm = base.ln_f if self.family.gpt2 else base.norm
+        norm = base.ln_f if self.family.gpt2 else functools.partial(rms_norm, base.norm)
         x = self.slot("norm").apply(x[:, x.shape[1] - n:], lambda t, _: norm(t))
         return x, valid, outs
 

@@ -100,7 +100,7 @@ class Context:
 
     pos: Tensor  # (B, N) long: positions of the chunk's tokens (pads: a neighbour's position)
     valid: Tensor  # (B, N) bool: True for real tokens
-    rotary: tuple[Tensor, Tensor] | None  # cos, sin (B, N, Dh), Llama family only
+    rotary: tuple[Tensor, Tensor] | None  # cos, signed sin (B, N, Dh) (``signed_angles``), Llama family only
     cache: DecoderCache | None = None
     decoding: bool = False  # the cache already holds the sequence start: do not insert prompts again
     # Every token real and no cache: without prompts or prefixes the mask is plain causal, and SDPA
@@ -112,22 +112,28 @@ class Context:
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *, prefixes: list[KV] = (),
-                     decomposed: bool = False, dropout_p: float = 0.0, scale: float | None = None) -> Tensor:
-    """Attention of q (B, H, Nq, Dh) over k, v (B, H, Nk, Dh) where ``allowed`` (B, 1, Nq, Nk) is
-    True (None: plain causal, no prefixes), and over learned prefixes (each (B, H, P, Dh), always visible). ``decomposed`` computes
-    ``(1 - λ)·Attn(Q, K, V) + λ·Attn(Q, K_pre, V_pre)`` (U-Tuning, arXiv 2303.00690, Eq. 3-5)."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *, groups: int = 1,
+                     prefixes: list[KV] = (), decomposed: bool = False, dropout_p: float = 0.0,
+                     scale: float | None = None) -> Tensor:
+    """Attention of q (B, H, Nq, Dh) over k, v (B, H / ``groups``, Nk, Dh) (grouped-query: each key/value
+    head serves ``groups`` consecutive query heads) where ``allowed`` (B, 1, Nq, Nk) is True (None:
+    plain causal, no prefixes), and over learned prefixes (each (B, H, P, Dh), always visible).
+    ``decomposed`` computes ``(1 - λ)·Attn(Q, K, V) + λ·Attn(Q, K_pre, V_pre)`` (U-Tuning, arXiv
+    2303.00690, Eq. 3-5)."""
     prefixes = [(pk.to(q.dtype), pv.to(q.dtype)) for pk, pv in prefixes]
     k, v = k.to(q.dtype), v.to(q.dtype)
     if not decomposed or not prefixes:
         if prefixes:
             n_pre = sum(p[0].shape[2] for p in prefixes)
-            k = torch.cat([p[0] for p in prefixes] + [k], dim=2)
-            v = torch.cat([p[1] for p in prefixes] + [v], dim=2)
+            k, v = join_heads([p[0] for p in prefixes], k, groups), join_heads([p[1] for p in prefixes], v, groups)
             allowed = torch.cat([allowed.new_ones(*allowed.shape[:3], n_pre).expand(-1, -1, q.shape[2], -1),
                                  allowed.expand(-1, -1, q.shape[2], -1)], dim=-1)
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
                                               is_causal=allowed is None)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses = [], []
     for k_g, v_g, m_g in [(k, v, allowed)] + [(pk, pv, None) for pk, pv in prefixes]:
@@ -140,11 +146,44 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *,
     return sum(torch.exp(lse - total) * out for lse, out in zip(lses, outs))  # λ_g = exp(lse_g - lse_total)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (Su et al. 2021, arXiv 2104.09864) in HF's half-split layout: x (B, H, N, Dh), cos/sin (B, N, Dh)."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+def join_heads(prefixes: list[Tensor], kv: Tensor, groups: int) -> Tensor:
+    """Prefix keys (or values), each (B, H, P, Dh), in front of grouped keys kv (B, H / groups, N, Dh)
+    repeated to the H query heads: (B, H, sum P + N, Dh), written in one copy (no repeated copy first)."""
+    b, h_kv, n, d = kv.shape
+    parts = [p.unflatten(1, (h_kv, groups)) for p in prefixes] + [kv[:, :, None].expand(b, h_kv, groups, n, d)]
+    return torch.cat([t.expand(b, *t.shape[1:]) for t in parts], dim=3).flatten(1, 2)
+
+
+def signed_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's rotary (cos, sin) (B, N, Dh) -> (cos, sin with its first half negated), what ``rotate``
+    takes: computed once per forward and shared by every layer."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary embedding (Su et al. 2021, arXiv 2104.09864) in HF's half-split layout: x (B, H, N, Dh),
+    cos and ``signed_angles``' sin (B, N, Dh). HF's ``x·cos + cat(-x2, x1)·sin`` to the bit, as
+    ``x·cos + cat(x2, x1)·cat(-sin1, sin2)`` (one roll instead of two slices, a negation and a cat)."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin[:, None]
+
+
+_FUSED_NORM_EXACT: dict[tuple[type, str], bool] = {}
+
+
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A Llama-family RMSNorm module applied to x: torch's fused ``rms_norm`` kernel (one pass forward
+    and backward instead of six element-wise operations) where it gives the module's own bits for
+    float32 on this device, checked once per norm class and device type on a probe; the module otherwise."""
+    w = getattr(norm, "weight", None)
+    if x.dtype != torch.float32 or w is None or w.dtype != torch.float32 or not hasattr(norm, "variance_epsilon"):
+        return norm(x)
+    key = (type(norm), x.device.type)
+    if key not in _FUSED_NORM_EXACT:
+        with torch.no_grad():
+            probe = torch.randn(8, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.device) * 3
+            _FUSED_NORM_EXACT[key] = torch.equal(norm(probe), F.rms_norm(probe, w.shape, w, norm.variance_epsilon))
+    return F.rms_norm(x, w.shape, w, norm.variance_epsilon) if _FUSED_NORM_EXACT[key] else norm(x)
 
 
 def chunk_positions(x: Tensor, ctx: Context, mask: Tensor) -> Tensor:
@@ -299,7 +338,6 @@ class DecoderLayer(nn.Module):
     def _attn_op(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         h = self.attn_norm(x)
         q, k, v = self.project(h)  # (B, H, T, Dh), (B, H_kv, T, Dh) x2
-        pos = chunk_positions(x, ctx, mask)  # (B, T)
         if ctx.rotary is not None:
             cos, sin = self._angles(ctx, x.shape[1])
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -308,23 +346,27 @@ class DecoderLayer(nn.Module):
             prefixes, decomposed = ctx.cache.layers[self.index].prefixes, False
         else:
             prefixes, decomposed = slot.prefixes(x.shape[0])
-        k_pos, k_valid = pos, mask
-        if ctx.cache is not None:
-            entry = ctx.cache.update(self.index, k, v, pos, mask, prefixes)
-            k, v, k_pos, k_valid = entry.k, entry.v, entry.pos, entry.valid
+        # Every token real, no prompt, prefix or cache (``all_real``: no cache) and within the window: plain causal.
         plain = ctx.all_real and not prefixes and x.shape[1] == ctx.pos.shape[1] and (
             self.window is None or x.shape[1] <= self.window)
-        allowed = None if plain else visible(pos, k_pos, k_valid, self.window)  # (B, 1, T, T_k); None: causal
+        allowed = None  # (B, 1, T, T_k); None: causal
+        if not plain:
+            pos = chunk_positions(x, ctx, mask)  # (B, T)
+            k_pos, k_valid = pos, mask
+            if ctx.cache is not None:
+                entry = ctx.cache.update(self.index, k, v, pos, mask, prefixes)
+                k, v, k_pos, k_valid = entry.k, entry.v, entry.pos, entry.valid
+            allowed = visible(pos, k_pos, k_valid, self.window)
         if not prefixes and self.groups > 1 and SDPA_GQA:  # grouped keys/values go in unrepeated (no copies kept)
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, is_causal=plain,
                                                dropout_p=self.attn_dropout_p(), scale=self.scale, enable_gqa=True)
         else:
-            o = causal_attention(q, self.repeat(k), self.repeat(v), allowed, prefixes=prefixes, decomposed=decomposed,
+            o = causal_attention(q, k, v, allowed, groups=self.groups, prefixes=prefixes, decomposed=decomposed,
                                  dropout_p=self.attn_dropout_p(), scale=self.scale)
         return self.out(merge_heads(o))  # (B, T, D)
 
     def _angles(self, ctx: Context, t: int) -> tuple[Tensor, Tensor]:
-        """cos/sin (B, T, Dh): zero angle (cos 1, sin 0) for the prompt tokens at the start."""
+        """cos / signed sin (B, T, Dh): zero angle (cos 1, sin 0) for the prompt tokens at the start."""
         cos, sin = ctx.rotary
         p = t - cos.shape[1]
         if p == 0:
@@ -354,7 +396,7 @@ class LlamaLayer(DecoderLayer):
         self.train(layer.training)
 
     def attn_norm(self, x: Tensor) -> Tensor:
-        return self.input_layernorm(x)
+        return rms_norm(self.input_layernorm, x)
 
     def attn_norm_weight(self) -> Tensor:
         return self.input_layernorm.weight
@@ -367,7 +409,7 @@ class LlamaLayer(DecoderLayer):
             t = s[f"attn.{name}"].linear(h, layer)
             t = t.view(*t.shape[:-1], -1, self.head_dim)  # (B, N, heads, Dh)
             if self.qk_norm and name != "v":
-                t = (a.q_norm if name == "q" else a.k_norm)(t)
+                t = rms_norm(a.q_norm if name == "q" else a.k_norm, t)
             out.append(t.transpose(1, 2))
         return out
 
@@ -383,7 +425,7 @@ class LlamaLayer(DecoderLayer):
 
     def _mlp_op(self, x: Tensor) -> Tensor:
         m, s = self.mlp, self.slots
-        h = self.post_attention_layernorm(x)
+        h = rms_norm(self.post_attention_layernorm, x)
         gated = m.act_fn(s["mlp.gate"].linear(h, m.gate_proj)) * s["mlp.up"].linear(h, m.up_proj)  # (B, N, D_ff)
         return s["mlp.down"].linear(gated, m.down_proj)
 

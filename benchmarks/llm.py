@@ -62,7 +62,8 @@ SHAPES = {"quick": {"config": LLAMA_TOY, "batch": 2, "seq": 16, "prompt": 8, "ne
                    "repeats": 3}}
 TRAIN = ["lora", "peft_lora", "prefix", "peft_prefix"]
 #: (A, B, mode, what B ÷ A says)
-PAIRS = [("peft_lora", "lora", "train", "ours ÷ PEFT, LoRA q,v r=8"),
+PAIRS = [("lora", "lora_again", "train", "A/A control: ours ÷ ours, the same LoRA model built twice"),
+         ("peft_lora", "lora", "train", "ours ÷ PEFT, LoRA q,v r=8"),
          ("peft_prefix", "prefix", "train", "ours ÷ PEFT, prefix 10 tokens"),
          ("plain_hf", "plain", "generate", "our untuned wrapper ÷ HF generate"),
          ("plain_hf", "lora_merged", "generate", "ours, merged LoRA ÷ HF generate"),
@@ -94,7 +95,7 @@ def _ours(job: dict) -> tuple:
     from utuning.backbones.hf_decoder import HFDecoderBackbone
 
     method = job["method"]
-    specs = {"plain": [], "lora": [LORA], "lora_merged": [LORA], "prefix": [PREFIX]}[method]
+    specs = {"plain": [], "lora": [LORA], "lora_again": [LORA], "lora_merged": [LORA], "prefix": [PREFIX]}[method]
     model = utuning.tune(HFDecoderBackbone(hf_model(job)), specs)
     if method == "lora_merged":
         model.merge()
@@ -125,7 +126,7 @@ def _plain_hf(job: dict) -> tuple:
     return hf_model(job), []
 
 
-BUILDERS: dict[str, Callable[[dict], tuple]] = {"plain_hf": _plain_hf, "plain": _ours, "lora": _ours,
+BUILDERS: dict[str, Callable[[dict], tuple]] = {"plain_hf": _plain_hf, "plain": _ours, "lora": _ours, "lora_again": _ours,
                                                 "lora_merged": _ours, "prefix": _ours, "peft_lora": _peft,
                                                 "peft_prefix": _peft}
 
@@ -278,6 +279,10 @@ def train_table(record: dict) -> list[str]:
         mem = a["peak_mib"] / b["peak_mib"]
         lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.0f} / {b['peak_mib']:.0f} | "
                      f"{mem:.3f} | {_cell(p)} | {'met' if mem <= 1.0 else '**missed**'} | {_time_verdict(p)} |")
+    control = pairs.get(("lora", "lora_again"))
+    if control and control.get("status") == "ok":
+        lines += ["", f"A/A control, the same LoRA model built twice and timed the same way (ours ÷ ours): "
+                  f"{_cell(control)}: the spread of the measurement itself, against which the ratios above are read."]
     return lines
 
 
