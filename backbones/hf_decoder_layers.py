@@ -280,9 +280,14 @@ class DecoderOpHandle(OpHandle):
     the query rotated at the current call's positions, key/value projections without the pre-norm
     and the output projection's linear part (``adaption_prompt``, LLaMA-Adapter's form)."""
 
-    def __init__(self, site: str, modules: dict, layer: nn.Module) -> None:
+    def __init__(self, site: str, modules: dict, layer: nn.Module, ctx: Context | None = None) -> None:
         super().__init__(site, modules)
         self.layer = layer
+        self.ctx = ctx  # the call this handle is bound to (``at``), for ``rotary_query``
+
+    def at(self, ctx: Context) -> DecoderOpHandle:
+        """This handle bound to one forward call (its positions), passed to the slot for that call only."""
+        return type(self)(self.site, self.modules, self.layer, ctx)
 
     def query(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, H, N, Dh)
         return self.layer.project(self.layer.attn_norm(x))[0]
@@ -293,8 +298,10 @@ class DecoderOpHandle(OpHandle):
         return self.layer.repeat(k), self.layer.repeat(v)
 
     def rotary_query(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, Dh), rotated as the layer's queries
-        ctx = self.layer.call_context()
-        cos, sin = self.layer._angles(ctx, x.shape[1])
+        if self.ctx is None:
+            raise PlacementError(f"Site {self.site!r}: the rotary query exists only during the layer's forward "
+                                 "(it depends on the call's positions)")
+        cos, sin = self.layer._angles(self.ctx, x.shape[1])
         return rotate(self.query(x), cos, sin)
 
     def raw_key_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:  # (B, P, D) -> two (B, H, P, Dh), no pre-norm
@@ -315,24 +322,12 @@ class DecoderLayer(nn.Module):
         self.window = window
 
     def forward(self, x: Tensor, mask: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:  # (B, T, D), (B, T)
-        # The call's positions, for ``DecoderOpHandle.rotary_query`` during this call only (gradient
-        # checkpointing re-runs this forward, which sets them again).
-        self._ctx = ctx
-        try:
-            return around(self.slots["block"], x, lambda t, m: self._block(t, m, ctx), mask, ctx)
-        finally:
-            self._ctx = None
-
-    _ctx: Context | None = None
-
-    def call_context(self) -> Context:
-        if self._ctx is None:
-            raise PlacementError(f"Layer {self.index}: the rotary query exists only while the layer runs "
-                                 "(it depends on the call's positions)")
-        return self._ctx
+        return around(self.slots["block"], x, lambda t, m: self._block(t, m, ctx), mask, ctx)
 
     def _block(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
-        x = x + self.slots["attn"].apply(x, lambda t, m: self._attn_op(t, m, ctx), mask)
+        attn = self.slots["attn"]  # its handle bound to this call: ``rotary_query`` reads the call's positions
+        handle = attn.handle.at(ctx) if len(attn) else None
+        x = x + attn.apply(x, lambda t, m: self._attn_op(t, m, ctx), mask, handle)
         return x + self.slots["mlp"].apply(x, lambda t, m: self._mlp_op(t), mask)
 
     def _attn_op(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:

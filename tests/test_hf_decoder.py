@@ -361,3 +361,30 @@ def test_every_registered_tuner_on_decoders(family, name):
     refusals = {}  # ln_tuning trains Llama's RMSNorm weights too
     check_zoo_tuner(name, make, lambda i: reference(**i), reference.example_inputs(2, 6), refusals=refusals,
                     changing=frozenset({"linear_probe"}))  # a new head on a causal LM
+
+
+def test_rotary_query_is_bound_to_the_call_and_no_call_state_stays_on_the_layers():
+    """``rotary_query`` reads the positions of the call it is handed for (a handle bound per call),
+    so gradient checkpointing's re-run sees the same positions, and outside a call it is refused."""
+    from utuning.backbones.hf_decoder_layers import Context
+
+    _, make = pair("llama")
+    specs = [("adaption_prompt", "blocks.*.attn", {"tokens": 3})]
+    inputs = left_padded(make().example_inputs(2, 6))
+    runs = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        tuned = utuning.tune(make(), specs)
+        randomize_tuners(tuned)
+        tuned.set_grad_checkpointing(enable)
+        out = tuned(**inputs)
+        out.pow(2).mean().backward()
+        runs.append((out.detach(), [p.grad.clone() for p in tuned.trainable_parameters()]))
+        layers = tuned.backbone.base[0].layers
+        assert not [k for layer in layers for k, v in vars(layer).items() if isinstance(v, Context)]
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    for g0, g1 in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(g0, g1)
+    handle = tuned.backbone.slot("blocks.0.attn").handle
+    with pytest.raises(PlacementError, match="blocks.0.attn.*during the layer's forward"):
+        handle.rotary_query(torch.zeros(1, 2, handle.layer.self_attn.o_proj.in_features))

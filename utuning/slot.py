@@ -85,37 +85,42 @@ class Slot(nn.Module):
         return len(self.tuners)
 
     # Operations ---------------------------------------------------------------------------
-    def around(self, x: Tensor, op: Op, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Apply the frozen ``op`` to ``x`` (B, N, D) with this site's tuners around it."""
+    def around(self, x: Tensor, op: Op, mask: Tensor | None = None,
+               handle: OpHandle | None = None) -> tuple[Tensor, Tensor | None]:
+        """Apply the frozen ``op`` to ``x`` (B, N, D) with this site's tuners around it. ``handle``:
+        the site's handle bound to this call (what it offers may depend on the call, e.g. a
+        decoder's positions); the slot's own handle by default."""
         if not self.tuners:
             return op(x, mask), mask
+        handle = self.handle if handle is None else handle
         inserted = 0
         after = self.spec.prefix_tokens
         # Kept prompts go in first, so the ones removed after OP sit right after the prefix tokens.
         for tuner in sorted(self.of("prompt"), key=lambda t: not t.keep_outputs):
-            tokens = tuner(x.shape[0], self.handle)  # (B, P, D)
+            tokens = tuner(x.shape[0], handle)  # (B, P, D)
             x, mask = insert_tokens(x, tokens, after, mask)
             if not tuner.keep_outputs:
                 inserted += tokens.shape[1]
         replace = self.of("replace")
-        y = self.beside(x, replace[-1](x, self.handle) if replace else op(x, mask), mask)
+        y = self.beside(x, replace[-1](x, handle) if replace else op(x, mask), mask, handle)
         if inserted:
             y, mask = remove_tokens(y, inserted, after, mask)
         return y, mask
 
-    def beside(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+    def beside(self, x: Tensor, y: Tensor, mask: Tensor | None = None, handle: OpHandle | None = None) -> Tensor:
         """``y = OP(x)`` plus the parallel tuners of ``x``, then the sequential tuners of ``y``.
         Tuners with ``takes_mask`` also get ``mask=``: (B, N) bool, True at real tokens, or None
-        (every token real)."""
+        (every token real). ``handle``: as in ``around``."""
+        handle = self.handle if handle is None else handle
         for tuner in self.of("parallel"):
-            y = y + (tuner(x, self.handle, mask=mask) if tuner.takes_mask else tuner(x, self.handle))
+            y = y + (tuner(x, handle, mask=mask) if tuner.takes_mask else tuner(x, handle))
         for tuner in self.of("sequential"):
-            y = y + (tuner(y, self.handle, mask=mask) if tuner.takes_mask else tuner(y, self.handle))
+            y = y + (tuner(y, handle, mask=mask) if tuner.takes_mask else tuner(y, handle))
         return y
 
-    def apply(self, x: Tensor, op: Op, mask: Tensor | None = None) -> Tensor:
+    def apply(self, x: Tensor, op: Op, mask: Tensor | None = None, handle: OpHandle | None = None) -> Tensor:
         """``around`` for operations that keep the token count (attn, mlp, head)."""
-        return self.around(x, op, mask)[0]
+        return self.around(x, op, mask, handle)[0]
 
     def linear(self, x: Tensor, layer: nn.Module) -> Tensor:
         """A frozen linear layer with its reparameterisation tuners (LoRA, SSF, BitFit, IA3)."""
