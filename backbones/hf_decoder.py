@@ -355,7 +355,7 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
         if cache is not None:
             cache.next_pos = past + valid.sum(1)
         norm = base.ln_f if self.family.gpt2 else functools.partial(rms_norm, base.norm)
-        x = self.slot("norm").apply(x[:, x.shape[1] - n:], lambda t, _: norm(t))
+        x = around(self.slot("norm"), x[:, x.shape[1] - n:], lambda t, _: norm(t), valid, ctx)[0]
         return x, valid, outs
 
     @staticmethod

@@ -202,13 +202,17 @@ def visible(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int | None) -
     return ok[:, None]
 
 
-def around(slot: Slot, x: Tensor, op: Callable, mask: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-    """``slot.around``, except that chunks after the first (``ctx.decoding``) insert no prompts:
-    the prompts' keys and values are in the cache already."""
-    if not ctx.decoding or not slot.of("prompt"):
-        return slot.around(x, op, mask)
+def around(slot: Slot, x: Tensor, op: Callable, mask: Tensor, ctx: Context,
+           handle: OpHandle | None = None) -> tuple[Tensor, Tensor]:
+    """``slot.around``, except in chunks after the first (``ctx.decoding``): no prompts are inserted
+    (their keys and values are in the cache already), and tuners that choose positions
+    (``takes_mask``: LoReFT's first / last real tokens) are told that no token of the chunk belongs
+    to the input sequence, so they edit the prompt's positions only (as pyreft), never generated tokens."""
+    if not ctx.decoding:
+        return slot.around(x, op, mask, handle)
     replace = slot.of("replace")
-    return slot.beside(x, replace[-1](x, slot.handle) if replace else op(x, mask), mask), mask
+    y = replace[-1](x, slot.handle if handle is None else handle) if replace else op(x, mask)
+    return slot.beside(x, y, torch.zeros_like(mask), handle), mask
 
 
 def is_quantised(layer: nn.Module) -> str | None:
@@ -327,8 +331,8 @@ class DecoderLayer(nn.Module):
     def _block(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         attn = self.slots["attn"]  # its handle bound to this call: ``rotary_query`` reads the call's positions
         handle = attn.handle.at(ctx) if len(attn) else None
-        x = x + attn.apply(x, lambda t, m: self._attn_op(t, m, ctx), mask, handle)
-        return x + self.slots["mlp"].apply(x, lambda t, m: self._mlp_op(t), mask)
+        x = x + around(attn, x, lambda t, m: self._attn_op(t, m, ctx), mask, ctx, handle)[0]
+        return x + around(self.slots["mlp"], x, lambda t, m: self._mlp_op(t), mask, ctx)[0]
 
     def _attn_op(self, x: Tensor, mask: Tensor, ctx: Context) -> Tensor:
         h = self.attn_norm(x)

@@ -388,3 +388,27 @@ def test_rotary_query_is_bound_to_the_call_and_no_call_state_stays_on_the_layers
     handle = tuned.backbone.slot("blocks.0.attn").handle
     with pytest.raises(PlacementError, match="blocks.0.attn.*during the layer's forward"):
         handle.rotary_query(torch.zeros(1, 2, handle.layer.self_attn.o_proj.in_features))
+
+
+@pytest.mark.parametrize("site", ["blocks.*", "blocks.*.mlp", "blocks.*.attn"])
+def test_loreft_edits_prompt_positions_only_when_decoding(site):
+    """Cached decoding: LoReFT (first / last real tokens) edits the prompt's positions in the first
+    chunk and no generated token (pyreft's convention): decoding a token gives the same logits as
+    with the intervention switched off for that chunk, and the prefill differs from the untuned one."""
+    _, make = pair("llama")
+    tuned = utuning.tune(make(), [("loreft", site, {"rank": 2, "first": 1, "last": 1})]).eval()
+    randomize_tuners(tuned)
+    backbone = tuned.backbone
+    inputs = left_padded(backbone.example_inputs(2, 6))
+    token = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        cache = backbone.new_cache()
+        prefill = backbone(**inputs, cache=cache, last_only=True)
+        kept = copy.deepcopy(cache)
+        edited = backbone(token, torch.ones_like(token), cache=cache, last_only=True)
+        for p in tuned.trainable_parameters():
+            p.zero_()  # LoReFT at zero is the identity
+        plain = backbone(token, torch.ones_like(token), cache=kept, last_only=True)
+        untuned_prefill = backbone(**inputs, cache=backbone.new_cache(), last_only=True)
+    torch.testing.assert_close(edited, plain)
+    assert not torch.allclose(prefill, untuned_prefill)

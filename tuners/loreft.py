@@ -29,7 +29,9 @@ class LoReFT(Tuner):
     (``takes_mask``), so padding on either side is never edited and a row with fewer than
     ``first + last`` real tokens has each of them edited once. Prompt tokens inserted at the same
     site count as real tokens; without a mask (vision) every token is real; a feature map
-    (B, H, W, D) (ConvNeXt) is read in raster order. Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
+    (B, H, W, D) (ConvNeXt) is read in raster order. Generating with a decoder's KV cache, the
+    positions are the prompt's (chosen in the first chunk, as pyreft): generated tokens are never
+    edited (the decoder passes a mask with no input-sequence token for later chunks). Paper defaults: ``rank=4``, ``first=1``, ``last=1`` (the paper tunes f, l per task); W
     has ``nn.Linear``'s initialisation, so the edit is not the identity at init (nor in the paper).
     """
 
