@@ -353,3 +353,36 @@ def test_qa_metrics():
     scores = torch.full((1, 6, 2), -5.0)
     scores[0, 4, 0], scores[0, 5, 0], scores[0, 2, 1], scores[0, 4, 1] = 3.0, 2.0, 9.0, 1.0
     assert compute_metrics(["qa_exact"], scores, torch.tensor([[4, 4]]))["qa_exact"] == 1.0  # end >= start
+
+
+def test_holdout_is_a_seeded_stratified_partition_of_the_training_split(tmp_path, tokenizer):
+    """``data.holdout``: the training split loses a class-stratified, seeded fraction that the split
+    name ``holdout`` reads; the two parts partition it, the test split is untouched, bad values are
+    refused by key before any data is read."""
+    from types import SimpleNamespace
+
+    from utuning.build import build_datasets
+    from utuning.schema import DataConfig
+
+    labels = ["a"] * 10 + ["b"] * 6 + ["c"] * 4
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i} {lab}", "label": lab} for i, lab in enumerate(labels)])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}])
+
+    def splits(names, subset=None, **data):
+        args = {"tokenizer": tokenizer, **({"subset": subset} if subset else {})}
+        recipe = SimpleNamespace(data=DataConfig(name="text_classification", root=str(tmp_path), args=args, **data))
+        return build_datasets(recipe, names, None)
+
+    rest, held, test = splits(["train", "holdout", "test"], holdout=0.25, eval_split="holdout")
+    assert sorted(rest.index + held.index) == list(range(20)) and not set(rest.index) & set(held.index)
+    assert Counter(held.class_targets()) == {0: 2, 1: 2, 2: 1}  # round(0.25 n) per class, each class kept in both
+    assert set(rest.class_targets()) == {0, 1, 2} and len(test) == 2
+    assert len({rest.fingerprint(), held.fingerprint(), splits(["train"])[0].fingerprint()}) == 3
+    assert splits(["holdout"], holdout=0.25)[0].index == held.index  # seeded: the same part every time
+    assert splits(["holdout"], holdout=0.25, holdout_seed=1)[0].index != held.index
+    with pytest.raises(ConfigError, match=r"set data.holdout"):
+        splits(["train", "holdout"])
+    with pytest.raises(ConfigError, match=r"data.holdout=1.5 must be a fraction"):
+        splits(["train"], holdout=1.5)
+    with pytest.raises(ConfigError, match=r"data.holdout=0.01 leaves the holdout part .* empty"):
+        splits(["holdout"], holdout=0.01, subset=1)

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from utuning.backbone import build_backbone
 from utuning.data import build_dataset
 from utuning.data.checks import check_splits, data_description
+from utuning.errors import ConfigError
 from utuning.model import TunedModel, tune
 from utuning.schema import Recipe
 from utuning.tuner import TunerSpec
@@ -58,9 +59,33 @@ def build_model(recipe: Recipe, *, pretrained: bool | None = None, num_classes: 
         return tune(built, tuner_specs(recipe), data=data)
 
 
+HOLDOUT = "holdout"  # the split name of ``data.holdout``'s held-out part of ``data.train_split``
+
+
 def build_datasets(recipe: Recipe, splits: list[str], backbone: Any) -> list[Dataset]:
+    """The datasets of ``splits``. With ``data.holdout``, ``data.train_split`` loses a seeded,
+    class-stratified fraction of its examples, which the split name ``holdout`` reads."""
     d = recipe.data
-    return [build_dataset(d.name, split=s, backbone=backbone, root=d.root, **d.args) for s in splits]
+    if d.holdout is not None and not (isinstance(d.holdout, (int, float)) and 0 < d.holdout < 1):
+        raise ConfigError(f"data.holdout={d.holdout!r} must be a fraction of data.train_split between 0 and 1 "
+                          "(e.g. 0.2), or null")
+    if HOLDOUT in splits and d.holdout is None:
+        raise ConfigError(f"Split {HOLDOUT!r} is the held-out part of data.train_split={d.train_split!r}: set "
+                          "data.holdout to the fraction to hold out (e.g. data.holdout=0.2)")
+    if d.holdout is not None and d.train_split == HOLDOUT:
+        raise ConfigError(f"data.train_split={HOLDOUT!r}: the held-out part is for evaluation; train on "
+                          "another split")
+    out = []
+    for s in splits:
+        source = d.train_split if s == HOLDOUT else s
+        ds = build_dataset(d.name, split=source, backbone=backbone, root=d.root, **d.args)
+        if d.holdout is not None and source == d.train_split:
+            if not hasattr(ds, "hold_out"):
+                raise ConfigError(f"Dataset {d.name!r} ({type(ds).__name__}) cannot hold out examples "
+                                  "(data.holdout); give a separate validation split as data.eval_split")
+            ds.hold_out(float(d.holdout), seed=d.holdout_seed, part="holdout" if s == HOLDOUT else "rest")
+        out.append(ds)
+    return out
 
 
 def _num_classes(recipe: Recipe, dataset: Dataset) -> int | None:

@@ -43,6 +43,10 @@ class DataConfig:
     root: str | None = None  # local copy; loaders never need the network when it is given
     train_split: str = "train"
     eval_split: str = "test"
+    # A fraction of train_split held out for validation (class-stratified, drawn with holdout_seed):
+    # training reads the rest, and the split name "holdout" (e.g. eval_split: holdout) reads it.
+    holdout: float | None = None
+    holdout_seed: int = 0
     args: dict[str, Any] = field(default_factory=dict)  # dataset-specific (transforms, max_length, subset...)
     num_workers: int = 0
 

@@ -125,6 +125,33 @@ class ItemDataset(Dataset):
         self._subset = (subset, subset_mode)
         self._targets = [int(t) for t in targets] if targets is not None else None
 
+    def hold_out(self, fraction: float, *, seed: int = 0, part: str = "rest") -> None:
+        """Keep one part of a seeded split of this dataset's examples: ``part="holdout"`` the held-out
+        ``fraction`` (per class where there are class labels, so every class with two or more
+        examples is in both parts), ``"rest"`` the others. Both parts of the same fraction and seed
+        partition the examples; the fingerprint names the part."""
+        choose("part", part, ("holdout", "rest"))
+        targets = self.class_targets()
+        groups: dict[Any, list[int]] = {}
+        for i in range(len(self.index)):
+            groups.setdefault(targets[i] if targets is not None else None, []).append(i)
+        g = torch.Generator().manual_seed(int(seed))
+        held: set[int] = set()
+        for key in sorted(groups, key=repr):
+            members = groups[key]
+            n = round(fraction * len(members))
+            n = min(max(n, 1 if len(members) > 1 else 0), len(members) - 1) if targets is not None else n
+            held.update(members[int(k)] for k in torch.randperm(len(members), generator=g)[:n])
+        keep = [i for i in range(len(self.index)) if (i in held) == (part == "holdout")]
+        if not keep:
+            raise ConfigError(f"data.holdout={fraction!r} leaves the {part} part of {self.name!r} split "
+                              f"{self.split!r} ({len(self.index)} examples) empty; choose a fraction between "
+                              f"{1 / max(len(self.index), 1):.3g} and {1 - 1 / max(len(self.index), 1):.3g}")
+        self.index = [self.index[i] for i in keep]
+        self._holdout = (float(fraction), int(seed), part)
+
+    _holdout: tuple[float, int, str] | None = None
+
     def class_targets(self) -> list[int] | None:
         """The integer classes of the examples this dataset yields (classification), or None."""
         if self._targets is None or self.task != "classification":
@@ -149,6 +176,7 @@ class ItemDataset(Dataset):
         """Stable hash of the data identity: name, split, files (size and content digest), args, transform."""
         ident = {
             "name": self.name, "split": self.split, "task": self.task, "subset": list(self._subset),
+            **({"holdout": list(self._holdout)} if self._holdout is not None else {}),
             "args": self._identity, "files": file_identity(self._files),
             "transform": None if self.transform is None else repr(self.transform),
         }
