@@ -212,6 +212,8 @@ def around(slot: Slot, x: Tensor, op: Callable, mask: Tensor, ctx: Context,
         return slot.around(x, op, mask, handle)
     replace = slot.of("replace")
     y = replace[-1](x, slot.handle if handle is None else handle) if replace else op(x, mask)
+    if not (slot.of("parallel") or slot.of("sequential")):
+        return y, mask
     return slot.beside(x, y, torch.zeros_like(mask), handle), mask
 
 
