@@ -22,13 +22,16 @@ over the trainable parameters):
 * **memory**: each training configuration in its own child process; the peak of live CPU tensor
   bytes of the first step under ``torch.profiler`` (``benchmarks.speed._profiled_peak``): the same
   number in every process;
-* **time**: in one process, a pair stepped A B B A (``repeats`` times; as ``benchmarks.paired``),
-  the median of (B ÷ A) and its interquartile range, with the 1-minute load average, so that a
-  shared machine's drift weighs on both sides alike. Generation is timed the same way, a step
+* **time**: a pair built in one process and stepped A B B A (``repeats`` times; as
+  ``benchmarks.paired``), so that a shared machine's drift weighs on both sides alike; that in
+  ``processes`` child processes, the build order alternated between them (a process's memory layout
+  can favour one side by a few percent for its whole life, which repetitions inside it cannot
+  show); the median of every repetition's (B ÷ A) pooled, with the 95% bootstrap confidence
+  interval of that median and each process's own median. Generation is timed the same way, a step
   being one greedy ``generate`` call of ``new`` tokens from a ``prompt``-token prompt per row
   (prefill included); tokens per second = batch × new tokens ÷ the median call time.
 
-Run: ``python -m benchmarks.run --full --llm`` (``results/llm_full.json``; ``--quick --llm``: a
+Run: ``python -m benchmarks.run --full --llm [--repeats N] [--processes P]`` (``results/llm_full.json``; ``--quick --llm``: a
 2-layer toy config), or a child: ``python -m benchmarks.llm '<job json>'``.
 """
 
@@ -60,6 +63,7 @@ SHAPES = {"quick": {"config": LLAMA_TOY, "batch": 2, "seq": 16, "prompt": 8, "ne
                     "repeats": 1},
           "full": {"config": LLAMA_100M, "batch": 2, "seq": 64, "prompt": 16, "new": 16, "warmup": 1, "iters": 1,
                    "repeats": 3}}
+PROCESSES = {"quick": 1, "full": 4}
 TRAIN = ["lora", "peft_lora", "prefix", "peft_prefix"]
 #: (A, B, mode, what B ÷ A says)
 PAIRS = [("lora", "lora_again", "train", "A/A control: ours ÷ ours, the same LoRA model built twice"),
@@ -192,9 +196,10 @@ def memory_row(job: dict) -> dict:
 
 
 def paired(job: dict) -> dict:
-    """Each pair of ``job['pairs']`` built in this process and stepped A B B A x ``repeats`` after
-    ``warmup`` steps of each: the median of (B time ÷ A time), its quartiles, the median times.
-    Generation pairs also record whether both sides produced the same greedy tokens."""
+    """Each pair of ``job['pairs']`` built in this process (B before A when ``job['reverse']``) and
+    stepped A B B A x ``repeats`` after ``warmup`` steps of each: ``benchmarks.paired.abba``'s ratios
+    (B time ÷ A time), their median, quartiles and confidence interval, the step times. Generation
+    pairs also record whether both sides produced the same greedy tokens."""
     from benchmarks.paired import abba, contention
 
     out = []
@@ -202,12 +207,13 @@ def paired(job: dict) -> dict:
         load_start = os.getloadavg()[0]
         wall0, cpu0 = time.perf_counter(), time.process_time()
         make = generate_step if mode == "generate" else train_step
+        order = (other, ref) if job.get("reverse") else (ref, other)
         try:
-            steps = {m: make(dict(job, method=m))[0] for m in (ref, other)}
+            steps = {m: make(dict(job, method=m))[0] for m in order}
         except Unavailable as err:
             out.append({"ref": ref, "method": other, "mode": mode, "status": "skipped", "reason": str(err)})
             continue
-        tokens = {m: steps[m]() for m in (ref, other)}  # also the warm-up
+        tokens = {m: steps[m]() for m in order}  # also the warm-up
         for _ in range(job["warmup"] - 1):
             steps[ref](), steps[other]()
         row = {"ref": ref, "method": other, "mode": mode, "status": "ok",
@@ -220,24 +226,52 @@ def paired(job: dict) -> dict:
     return {"status": "ok", "pairs": out}
 
 
-def run_llm(mode: str, out: Path, *, threads: int, repeats: int | None = None) -> Path:
-    """Memory rows (one child process per training configuration), then the paired timings (one
-    child); writes and returns ``results/llm_<mode>.json``."""
+def pooled(parts: list[dict]) -> dict:
+    """The ``paired`` results of several processes, one row per pair: the repetitions pooled
+    (``benchmarks.paired.pool``), the loads' range, the lowest CPU share, tokens equal in all."""
+    from benchmarks.paired import pool
+
+    failed = [p for p in parts if p.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    out = []
+    for rows in zip(*(p["pairs"] for p in parts)):
+        ok = [r for r in rows if r.get("status") == "ok"]
+        if len(ok) < len(rows):
+            out.append(next(r for r in rows if r.get("status") != "ok"))
+            continue
+        row = {k: rows[0][k] for k in ("ref", "method", "mode")}
+        row.update(status="ok", **pool(ok, quantiles="inclusive"),
+                   load=[min(x for r in ok for x in r["load"]), max(x for r in ok for x in r["load"])],
+                   cpu_share=min(r["cpu_share"] for r in ok), affinity=ok[0]["affinity"], threads=ok[0]["threads"])
+        if "same_tokens" in ok[0]:
+            row["same_tokens"] = all(r["same_tokens"] for r in ok)
+        out.append(row)
+    return {"status": "ok", "pairs": out, "processes": len(parts)}
+
+
+def run_llm(mode: str, out: Path, *, threads: int, repeats: int | None = None, processes: int | None = None) -> Path:
+    """Memory rows (one child process per training configuration), then the paired timings
+    (``processes`` children, alternating the build order, pooled); writes and returns
+    ``results/llm_<mode>.json``."""
     from benchmarks.speed import run_child
 
     shape = {**SHAPES[mode], **({"repeats": repeats} if repeats else {})}
-    base = {"family": "llm", "threads": threads, **shape}
+    base = {"family": "llm", "threads": threads, **shape, "processes": processes or PROCESSES[mode]}
     start = time.time()
     rows = []
     for method in TRAIN:
         result = run_child("benchmarks.llm", dict(base, kind="memory", method=method), timeout=3600)
         rows.append({"method": method, **result})
         print(f"llm memory {method}: {result.get('peak_mib', result.get('reason'))}")
-    pjob = dict(base, kind="paired", pairs=PAIRS)
-    pairs = run_child("benchmarks.llm", pjob, timeout=3600)
-    print(f"llm paired: {pairs.get('status')} {pairs.get('reason', '')}")
+    parts = []
+    for i in range(base["processes"]):
+        parts.append(run_child("benchmarks.llm", dict(base, kind="paired", pairs=PAIRS, reverse=i % 2 == 1),
+                               timeout=3600))
+        print(f"llm paired, process {i + 1} of {base['processes']}: {parts[-1].get('status')} "
+              f"{parts[-1].get('reason', '')}")
     record = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start)),
-              "wall_s": time.time() - start, "job": base, "rows": rows, "paired": pairs,
+              "wall_s": time.time() - start, "job": base, "rows": rows, "paired": pooled(parts),
               "versions": _versions()}
     path = Path(out) / "results" / f"llm_{mode}.json"
     path.write_text(json.dumps(record, indent=1))
@@ -253,53 +287,59 @@ def _versions() -> dict:
 
 # The page ---------------------------------------------------------------------------------
 def _cell(p: dict | None) -> str:
-    return "–" if not p or p.get("status") != "ok" else f"{p['ratio']:.2f} ({p['q1']:.2f}–{p['q3']:.2f})"
-
-
-def _time_verdict(p: dict | None) -> str:
-    """≤ 1.00 met when the interquartile range is at or under it, missed when all of it is above."""
+    """The median ratio with the 95% confidence interval of that median (records made before it was
+    kept: the interquartile range, marked IQR)."""
     if not p or p.get("status") != "ok":
-        return "no time"
-    if p["q3"] <= 1.0:
-        return "met"
-    return "**missed**" if p["q1"] > 1.0 else "undecided (IQR spans 1.00)"
+        return "–"
+    lo, hi = p.get("ci") or (p["q1"], p["q3"])
+    return f"{p['ratio']:.3f} ({lo:.3f}–{hi:.3f}{'' if p.get('ci') else ' IQR'})"
+
+
+def _per_process(p: dict | None) -> str:
+    ratios = (p or {}).get("process_ratios") or []
+    return ", ".join(f"{r:.3f}" for r in ratios) if len(ratios) > 1 else ""
 
 
 def train_table(record: dict) -> list[str]:
+    from benchmarks.paired import time_verdict
+
     rows = {r["method"]: r for r in record["rows"]}
     pairs = {(p["ref"], p["method"]): p for p in record["paired"].get("pairs", []) if p["mode"] == "train"}
     lines = ["| method | tunable, ours / PEFT | peak step memory, ours / PEFT (MiB) | ours ÷ PEFT memory "
-             "| ours ÷ PEFT step time (paired, IQR) | memory ≤ PEFT | time ≤ PEFT |", "|---|---|---|---:|---:|---|---|"]
+             "| ours ÷ PEFT step time (paired, 95% CI) | per process | memory ≤ PEFT | time ≤ PEFT |",
+             "|---|---|---|---:|---:|---|---|---|"]
     for ours, label in (("lora", "LoRA q, v rank 8"), ("prefix", "prefix, 10 tokens")):
         a, b, p = rows.get(ours, {}), rows.get("peft_" + ours, {}), pairs.get(("peft_" + ours, ours))
         if a.get("status") != "ok" or b.get("status") != "ok":
             bad = a if a.get("status") != "ok" else b
-            lines.append(f"| {label} | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:160]} | |")
+            lines.append(f"| {label} | | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:160]} | |")
             continue
         mem = a["peak_mib"] / b["peak_mib"]
         lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.0f} / {b['peak_mib']:.0f} | "
-                     f"{mem:.3f} | {_cell(p)} | {'met' if mem <= 1.0 else '**missed**'} | {_time_verdict(p)} |")
+                     f"{mem:.3f} | {_cell(p)} | {_per_process(p)} | {'met' if mem <= 1.0 else '**missed**'} | "
+                     f"{time_verdict(p)} |")
     control = pairs.get(("lora", "lora_again"))
     if control and control.get("status") == "ok":
         lines += ["", f"A/A control, the same LoRA model built twice and timed the same way (ours ÷ ours): "
-                  f"{_cell(control)}: the spread of the measurement itself, against which the ratios above are read."]
+                  f"{_cell(control)}" + (f" (per process {_per_process(control)})" if _per_process(control) else "")
+                  + ": what the measurement gives for identical arithmetic, against which the ratios above are read."]
     return lines
 
 
 def generate_table(record: dict) -> list[str]:
     job = record["job"]
     tokens = job["batch"] * job["new"]
-    lines = ["| A | B | A tokens/s | B tokens/s | B ÷ A time per generated token (paired, IQR) | same greedy tokens "
-             "| what it says |", "|---|---|---:|---:|---:|---|---|"]
+    lines = ["| A | B | A tokens/s | B tokens/s | B ÷ A time per generated token (paired, 95% CI) | per process "
+             "| same greedy tokens | what it says |", "|---|---|---:|---:|---:|---|---|---|"]
     notes = {(a, b): note for a, b, _, note in PAIRS}
     for p in record["paired"].get("pairs", []):
         if p["mode"] != "generate":
             continue
         if p.get("status") != "ok":
-            lines.append(f"| {p['ref']} | {p['method']} | | | {p.get('status')}: {p.get('reason', '')} | | |")
+            lines.append(f"| {p['ref']} | {p['method']} | | | {p.get('status')}: {p.get('reason', '')} | | | |")
             continue
         lines.append(f"| {p['ref']} | {p['method']} | {tokens / p['ref_s']:.1f} | {tokens / p['method_s']:.1f} | "
-                     f"{_cell(p)} | {'yes' if p.get('same_tokens') else 'no'} | {notes.get((p['ref'], p['method']), '')} |")
+                     f"{_cell(p)} | {_per_process(p)} | {'yes' if p.get('same_tokens') else 'no'} | {notes.get((p['ref'], p['method']), '')} |")
     return lines
 
 
@@ -334,12 +374,16 @@ def markdown(record: dict) -> list[str]:
         "(ours: `utuning.generate.generate_ids`; HF / PEFT: `generate`), prefill included. "
         "Memory: peak live tensor bytes of one train step, each configuration in its own process (exact). "
         f"Time: both sides in one process, stepped A B B A × {job['repeats']} after {job['warmup']} warm-up "
-        "step(s); median of (B ÷ A) with its interquartile range. PEFT's prefix learns one prefix per "
+        f"step(s), in {job.get('processes', 1)} process(es) (build order alternated between them); the median of "
+        "every repetition's (B ÷ A), with the 95% bootstrap confidence interval of that median, and each "
+        "process's own median. Time verdicts: met (the whole interval ≤ 1), met at the median (median ≤ 1, "
+        "the interval reaches above: not distinguishable from parity, as the A/A control), within noise "
+        "(median above 1, the interval reaches 1), missed (the whole interval above 1). PEFT's prefix learns one prefix per "
         "key-value head (GQA), ours one per query head, hence 3× the parameters here. "
         f"Run started {record['started']}, took {record['wall_s'] / 60:.1f} min; 1-minute load average "
         f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} on {cores} cores{loads_note}"
         + (": **the machine was oversubscribed by other work: the time ratios are noisy, read their "
-           "interquartile ranges; memory is exact**." if busy else "."), ""]
+           "confidence intervals; memory is exact**." if busy else "."), ""]
     if record["paired"].get("status") != "ok":
         head += [f"Paired timings failed: {record['paired'].get('reason')}", ""]
     return head + ["### Training", ""] + train_table(record) + ["", "### Generation", ""] + generate_table(record) + [""]

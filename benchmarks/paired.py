@@ -70,9 +70,8 @@ def run(job: dict) -> dict:
 
 
 def abba(steps: dict, ref: str, other: str, repeats: int, quantiles: str = "exclusive") -> dict:
-    """Step ``steps[ref]`` and ``steps[other]`` in the order A B B A, ``repeats`` times: the median of
-    (B time ÷ A time) over the repetitions, its quartiles (``statistics.quantiles`` ``method``), every
-    ratio and each side's median step time."""
+    """Step ``steps[ref]`` and ``steps[other]`` in the order A B B A, ``repeats`` times: the ratios
+    (B time ÷ A time) of the repetitions and every step time, summarised by ``summarise``."""
     ratios, times = [], {ref: [], other: []}
     for _ in range(repeats):
         for method in (ref, other, other, ref):
@@ -80,9 +79,60 @@ def abba(steps: dict, ref: str, other: str, repeats: int, quantiles: str = "excl
             steps[method]()
             times[method].append(time.perf_counter() - start)
         ratios.append(sum(times[other][-2:]) / sum(times[ref][-2:]))
+    return summarise(ratios, times[ref], times[other], quantiles)
+
+
+def summarise(ratios: list[float], ref_times: list[float], method_times: list[float],
+              quantiles: str = "exclusive") -> dict:
+    """The median of the ratios, their quartiles (``statistics.quantiles`` ``method``), a bootstrap
+    95% confidence interval of that median (``median_ci``), every ratio and step time, and each side's
+    median step time."""
     q = statistics.quantiles(ratios, n=4, method=quantiles) if len(ratios) > 1 else [ratios[0]] * 3
-    return {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2], "ratios": ratios,
-            "ref_s": statistics.median(times[ref]), "method_s": statistics.median(times[other])}
+    lo, hi = median_ci(ratios)
+    return {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2], "ci": [lo, hi], "ratios": ratios,
+            "ref_times": ref_times, "method_times": method_times,
+            "ref_s": statistics.median(ref_times), "method_s": statistics.median(method_times)}
+
+
+def median_ci(values: list[float], level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap ``level`` confidence interval of the median of ``values`` (seeded: the same
+    values give the same interval). It says how well the median is known, which the interquartile
+    range (the spread of single repetitions) does not."""
+    import random
+
+    if len(values) < 2:
+        return values[0], values[0]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    cut = int(round((1 - level) / 2 * resamples))
+    return medians[cut], medians[resamples - 1 - cut]
+
+
+def pool(parts: list[dict], quantiles: str = "exclusive") -> dict:
+    """One pair measured in several processes (``abba`` results, with the build order alternated
+    between them): every repetition's ratio together, summarised again, plus each process's median
+    (``process_ratios``), which shows a bias of one process's memory layout that repetitions within
+    it cannot."""
+    ratios = [r for p in parts for r in p["ratios"]]
+    out = summarise(ratios, [t for p in parts for t in p["ref_times"]], [t for p in parts for t in p["method_times"]],
+                    quantiles)
+    return {**out, "processes": len(parts), "process_ratios": [p["ratio"] for p in parts]}
+
+
+def time_verdict(p: dict | None, target: float = 1.0) -> str:
+    """A time target (B ÷ A ≤ ``target``) read from a pair's median and its confidence interval
+    (``ci``; the interquartile range for records without one): **met** when the whole interval is at
+    or under the target, **met at the median** when the median is but the interval reaches above it
+    (not distinguishable from the target: read it against the A/A control), **within noise** when the
+    median is above but the interval reaches the target, **missed** when the whole interval is above."""
+    if not p or p.get("status", "ok") != "ok":
+        return "–"
+    lo, hi = p.get("ci") or (p["q1"], p["q3"])
+    if hi <= target:
+        return "met"
+    if lo > target:
+        return "**missed**"
+    return "met at the median" if p["ratio"] <= target else "within noise"
 
 
 def contention(wall0: float, cpu0: float, threads: int) -> dict:

@@ -5,8 +5,10 @@ and SSF (which PEFT does not have) against LoRA and full fine-tuning, on a vit_s
   live tensor bytes of the first step under ``torch.profiler`` (activations kept for backward,
   gradients, AdamW state), the same number in every process.
 * **Time**: in one process, ours and PEFT's stepped A B B A (``benchmarks.paired``), so the ratio
-  is robust to the drift of a shared machine; the table gives the median ratio and its
-  interquartile range. Per-process step times are kept in the JSON but not used.
+  is robust to the drift of a shared machine; the table gives the median ratio and the 95%
+  bootstrap confidence interval of that median (the interquartile range for records made before
+  it was kept); the verdict is ``benchmarks.paired.time_verdict``. Per-process step times are kept
+  in the JSON but not used.
 
 The same tuner settings on both sides (``benchmarks.methods``: ``OURS_VIT``, ``PEFT_VIT``): DoRA
 rank 8 on the fused qkv (``fused``, PEFT's single pair), VeRA rank 256 on qkv, OFT block size 32 on
@@ -39,13 +41,6 @@ REFERENCES = ["full_timm", "lora", "peft_lora"]
 MEMORY_SLACK = 0.005  # equal tensors, equal bytes: a few hundred bytes of bookkeeping apart is "equal"
 
 
-def _time_verdict(t: dict | None) -> str:
-    """met: median ours ÷ ref ≤ 1; within noise: above 1 but the interquartile range reaches 1; else missed."""
-    if t is None:
-        return "–"
-    return "met" if t["ratio"] <= 1.0 else "within noise" if t["q1"] <= 1.0 else "**missed**"
-
-
 def jobs(job: dict) -> list[dict]:
     methods = list(dict.fromkeys(REFERENCES + [m for row in ROWS for m in row[:2]]))
     return [dict(job, family="vit", mode="train", method=m, tasks=1) for m in methods]
@@ -61,15 +56,27 @@ def run(job: dict) -> dict:
             "contention": {k: pairs.get(k) for k in ("cpu_share", "affinity", "threads")}}
 
 
+def _time_cell(t: dict | None) -> str:
+    if t is None:
+        return "–"
+    lo, hi = t.get("ci") or (t["q1"], t["q3"])
+    return f"{t['ratio']:.3f} ({lo:.3f}–{hi:.3f}{'' if t.get('ci') else ' IQR'})"
+
+
 def markdown(job: dict, r: dict) -> str:
+    from benchmarks.paired import time_verdict
+
     depth = f"{job['depth']} blocks" if job.get("depth") else "all 12 blocks"
     head = ["## Ours vs HF PEFT: IA3, DoRA, VeRA, OFT, and SSF (issue 14)", "",
             f"{job['model']} shape (random weights, {depth}), {job['img']}×{job['img']} images, batch "
             f"{job['batch']} (small, to fit a shared 2-core CPU); fp32; {job['threads']} torch threads. Memory: peak "
             "live tensor bytes of a train step, each configuration in its own process (exact, the same in every "
             f"process). Time: ours and the reference in one process, stepped A B B A × {job['repeats']} after "
-            f"{job.get('warmup', 1)} warm-up step(s); the median of (ours ÷ reference) with its interquartile "
-            "range. Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
+            f"{job.get('warmup', 1)} warm-up step(s); the median of (ours ÷ reference) with the 95% bootstrap "
+            "confidence interval of that median (or, marked IQR, the interquartile range of the repetitions). "
+            "Time verdicts: met (the whole interval ≤ 1), met at the median (median ≤ 1, the interval reaches "
+            "above), within noise (median above 1, the interval reaches 1), missed (the whole interval above 1). "
+            "Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
             "scaling tuners), no more memory than LoRA at a similar parameter count; IA3's fc2-input vector needs "
             "fc2's (B, N, 4D) input for its gradient, as a LoRA on fc2 does, so the like-for-like LoRA is the one "
             "at IA3's sites.", ""]
@@ -87,7 +94,7 @@ def markdown(job: dict, r: dict) -> str:
         head[-2] += (f" The 1-minute load average was {min(loads):.1f}–{max(loads):.1f} on {r['rows'][0].get('cores')} "
                      "cores during the run (other sessions' work): time ratios are noisy, memory is not.")
     lines = head + ["| method | tunable (ours / ref) | ours (MiB) | reference (MiB) | ours ÷ ref memory | × full FT memory "
-                    "| memory ≤ ref | ours ÷ ref time (IQR) | time ≤ ref |", "|---|---|---:|---:|---:|---:|---|---|---|"]
+                    "| memory ≤ ref | ours ÷ ref time (95% CI) | time ≤ ref |", "|---|---|---:|---:|---:|---:|---|---|---|"]
     for ours, ref, label in ROWS:
         a, b, t = by.get(ours), by.get(ref), times.get((ours, ref))
         if not (a and b):
@@ -95,13 +102,13 @@ def markdown(job: dict, r: dict) -> str:
             lines.append(f"| {label} | | | | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:120]} |")
             continue
         mem = a["peak_mib"] / b["peak_mib"]
-        time_cell = f"{t['ratio']:.3f} ({t['q1']:.3f}–{t['q3']:.3f})" if t else "–"
+        time_cell = _time_cell(t)
         key = (ours, ref)
         mem_verdict = "context" if key in CONTEXT else "met" if mem <= 1 + MEMORY_SLACK else "**missed**"
-        time_verdict = "not a target" if key in CONTEXT | MEMORY_ONLY else _time_verdict(t)
+        time_ok = "not a target" if key in CONTEXT | MEMORY_ONLY else time_verdict(t)
         lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.1f} | {b['peak_mib']:.1f} | "
                      f"{mem:.3f} | {a['peak_mib'] / full:.2f} | {mem_verdict} | "
-                     f"{time_cell} | {time_verdict} |" if full else f"| {label} | | | | | | | | no full_timm reference |")
+                     f"{time_cell} | {time_ok} |" if full else f"| {label} | | | | | | | | no full_timm reference |")
     refs = ", ".join(f"{m} {by[m]['peak_mib']:.1f} MiB" for m in REFERENCES if m in by)
     return "\n".join(lines + ["", f"References in the same run: {refs}.", ""])
 

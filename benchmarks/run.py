@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="--families / --llm: A B B A repetitions of the paired train timings "
                         "(the inference pair: 4x as many); with --methods, 'paired_train' / 'paired_infer' / "
                         "'paired' re-measure those pairs only")
+    parser.add_argument("--processes", type=int, help="--llm: child processes for the paired timings, build order "
+                        "alternated, repetitions pooled (default: 4 full, 1 quick)")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the machine)")
     parser.add_argument("--llm", action="store_true", help="only the decoder-LLM rows (benchmarks.llm: LoRA and "
                         "prefix on a Llama-shaped model, ours vs PEFT, train and generate)")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm and not args.report_only:
         from benchmarks.llm import run_llm
 
-        print(f"wrote {run_llm(mode, out, threads=args.threads, repeats=args.repeats)}")
+        print(f"wrote {run_llm(mode, out, threads=args.threads, repeats=args.repeats, processes=args.processes)}")
         print(f"wrote {write_page(out, mode)}")
         return 0
     if args.families is not None and not args.report_only:

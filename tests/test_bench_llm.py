@@ -40,7 +40,7 @@ def test_paired_generation_and_training_and_the_page():
     step, _ = generate_step(dict(JOB, method="plain"))
     assert step().shape == (2, 3)
 
-    by[("peft_lora", "lora", "generate")].update(ratio=9.99, q1=9.99, q3=9.99)  # distinct from the train pair
+    by[("peft_lora", "lora", "generate")].update(ratio=9.99, q1=9.99, q3=9.99, ci=[9.99, 9.99])  # not the train pair
     rows = [{"method": "lora", "status": "ok", "peak_mib": 10.0, "tunable": 8, "total": 100},
             {"method": "peft_lora", "status": "ok", "peak_mib": 12.0, "tunable": 8, "total": 100},
             {"method": "prefix", "status": "ok", "peak_mib": 9.0, "tunable": 4, "total": 100},
@@ -48,6 +48,31 @@ def test_paired_generation_and_training_and_the_page():
     record = {"job": JOB, "rows": rows, "paired": result, "started": "now", "wall_s": 60.0, "versions": {}}
     page = "\n".join(markdown(record))
     lora_row = next(line for line in page.splitlines() if line.startswith("| LoRA q, v rank 8 | 8 / 8 | 10 / 12 | 0.833 |"))
-    assert f"{train['ratio']:.2f} ({train['q1']:.2f}–{train['q3']:.2f})" in lora_row  # the train pair, not generate's
+    lo, hi = train["ci"]
+    assert f"{train['ratio']:.3f} ({lo:.3f}–{hi:.3f})" in lora_row  # the train pair, not generate's
     assert "skipped: PEFT x cannot run PrefixTuningConfig" in page
     assert "unmerged ÷ merged LoRA" in page
+
+
+def test_processes_alternate_the_build_order_and_pool_their_repetitions():
+    from benchmarks.llm import pooled
+
+    pairs = [p for p in PAIRS if p[:2] in {("peft_lora", "lora"), ("lora_merged", "lora")}]
+    parts = [paired(dict(JOB, pairs=pairs, repeats=2, reverse=reverse)) for reverse in (False, True)]
+    result = pooled(parts)
+    assert result["processes"] == 2 and [(p["ref"], p["method"], p["mode"]) for p in result["pairs"]] == \
+        [(p["ref"], p["method"], p["mode"]) for p in parts[0]["pairs"]]
+    for i, row in enumerate(result["pairs"]):
+        assert row["ratios"] == parts[0]["pairs"][i]["ratios"] + parts[1]["pairs"][i]["ratios"]  # B ÷ A in both orders
+        assert row["process_ratios"] == [parts[0]["pairs"][i]["ratio"], parts[1]["pairs"][i]["ratio"]]
+        assert row["ci"][0] <= row["ratio"] <= row["ci"][1]
+    assert [r["same_tokens"] for r in result["pairs"] if r["mode"] == "generate"] == [True, True]
+    parts[1]["pairs"][1]["same_tokens"] = False  # one process's tokens differ: the pooled row says so
+    assert pooled(parts)["pairs"][1]["same_tokens"] is False
+    record = {"job": dict(JOB, processes=2), "rows": [], "paired": result, "started": "now", "wall_s": 1.0,
+              "versions": {}}
+    page = "\n".join(markdown(record))
+    per = ", ".join(f"{r:.3f}" for r in result["pairs"][1]["process_ratios"])
+    assert f"| {per} | yes |" in page and "in 2 process(es)" in page
+    failed = {"status": "failed", "reason": "child crashed"}
+    assert pooled([parts[0], failed]) is failed

@@ -47,9 +47,9 @@ def test_markdown_verdicts():
     job = {"model": "vit_small_patch16_224", "img": 32, "batch": 2, "threads": 1, "repeats": 3}
     table = {line.split(" | ")[0].lstrip("| "): line for line in markdown(job, {"status": "ok", "rows": rows,
                                                                                   "pairs": pairs}).splitlines()}
-    assert table["IA3 (qkv outputs, fc2 inputs)"].endswith("| 0.833 | 0.50 | met | 0.900 (0.800–1.000) | met |")
-    assert "| 1.010 | 0.50 | **missed** | 1.100 (0.950–1.200) | within noise |" in table["DoRA r=8 on qkv"]
-    assert table["VeRA r=256 on qkv"].endswith("| met | 1.100 (1.050–1.200) | **missed** |")
+    assert table["IA3 (qkv outputs, fc2 inputs)"].endswith("| 0.833 | 0.50 | met | 0.900 (0.800–1.000 IQR) | met |")
+    assert "| 1.010 | 0.50 | **missed** | 1.100 (0.950–1.200 IQR) | within noise |" in table["DoRA r=8 on qkv"]
+    assert table["VeRA r=256 on qkv"].endswith("| met | 1.100 (1.050–1.200 IQR) | **missed** |")
     # Against our LoRA only memory is a target; the qkv-only LoRA (other sites) is context, not a verdict.
     assert table["IA3 against our LoRA (r=8 on qkv only: other sites, for context)"].endswith(
         "| 1.250 | 0.50 | context | – | not a target |")
