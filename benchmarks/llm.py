@@ -287,12 +287,9 @@ def _versions() -> dict:
 
 # The page ---------------------------------------------------------------------------------
 def _cell(p: dict | None) -> str:
-    """The median ratio with the 95% confidence interval of that median (records made before it was
-    kept: the interquartile range, marked IQR)."""
-    if not p or p.get("status") != "ok":
-        return "–"
-    lo, hi = p.get("ci") or (p["q1"], p["q3"])
-    return f"{p['ratio']:.3f} ({lo:.3f}–{hi:.3f}{'' if p.get('ci') else ' IQR'})"
+    from benchmarks.paired import cell
+
+    return cell(p)
 
 
 def _per_process(p: dict | None) -> str:

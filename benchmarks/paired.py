@@ -119,15 +119,34 @@ def pool(parts: list[dict], quantiles: str = "exclusive") -> dict:
     return {**out, "processes": len(parts), "process_ratios": [p["ratio"] for p in parts]}
 
 
+def interval(p: dict) -> tuple[float, float, str]:
+    """A pair's 95% confidence interval of its median ratio, and what it is: ``ci`` as kept, else
+    computed from the kept ratios (records made before ``ci`` was kept), else the interquartile range
+    (``"IQR"``: a single repetition's spread, wider than the median's interval)."""
+    if p.get("ci"):
+        return p["ci"][0], p["ci"][1], "CI"
+    if len(p.get("ratios") or []) > 1:
+        return (*median_ci(p["ratios"]), "CI")
+    return p["q1"], p["q3"], "IQR"
+
+
+def cell(p: dict | None, digits: int = 3) -> str:
+    """``median (lo–hi)`` of ``interval``, the bounds marked IQR when they are the interquartile range."""
+    if not p or p.get("status", "ok") != "ok":
+        return "–"
+    lo, hi, kind = interval(p)
+    return f"{p['ratio']:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f}{' IQR' if kind == 'IQR' else ''})"
+
+
 def time_verdict(p: dict | None, target: float = 1.0) -> str:
     """A time target (B ÷ A ≤ ``target``) read from a pair's median and its confidence interval
-    (``ci``; the interquartile range for records without one): **met** when the whole interval is at
+    (``interval``): **met** when the whole interval is at
     or under the target, **met at the median** when the median is but the interval reaches above it
     (not distinguishable from the target: read it against the A/A control), **within noise** when the
     median is above but the interval reaches the target, **missed** when the whole interval is above."""
     if not p or p.get("status", "ok") != "ok":
         return "–"
-    lo, hi = p.get("ci") or (p["q1"], p["q3"])
+    lo, hi, _ = interval(p)
     if hi <= target:
         return "met"
     if lo > target:

@@ -56,15 +56,8 @@ def run(job: dict) -> dict:
             "contention": {k: pairs.get(k) for k in ("cpu_share", "affinity", "threads")}}
 
 
-def _time_cell(t: dict | None) -> str:
-    if t is None:
-        return "–"
-    lo, hi = t.get("ci") or (t["q1"], t["q3"])
-    return f"{t['ratio']:.3f} ({lo:.3f}–{hi:.3f}{'' if t.get('ci') else ' IQR'})"
-
-
 def markdown(job: dict, r: dict) -> str:
-    from benchmarks.paired import time_verdict
+    from benchmarks.paired import cell, time_verdict
 
     depth = f"{job['depth']} blocks" if job.get("depth") else "all 12 blocks"
     head = ["## Ours vs HF PEFT: IA3, DoRA, VeRA, OFT, and SSF (issue 14)", "",
@@ -102,7 +95,7 @@ def markdown(job: dict, r: dict) -> str:
             lines.append(f"| {label} | | | | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:120]} |")
             continue
         mem = a["peak_mib"] / b["peak_mib"]
-        time_cell = _time_cell(t)
+        time_cell = cell(t) if t else "–"
         key = (ours, ref)
         mem_verdict = "context" if key in CONTEXT else "met" if mem <= 1 + MEMORY_SLACK else "**missed**"
         time_ok = "not a target" if key in CONTEXT | MEMORY_ONLY else time_verdict(t)

@@ -41,3 +41,14 @@ def test_time_verdict_reads_the_interval_then_the_median():
     assert time_verdict({"ratio": 0.99, "q1": 0.98, "q3": 1.02}) == "met at the median"
     assert time_verdict({"ratio": 1.01, "q1": 0.99, "q3": 1.03}, target=1.02) == "met at the median"
     assert time_verdict(None) == "–" and time_verdict({"status": "skipped"}) == "–"
+
+
+def test_interval_and_cell_fall_back_from_kept_ci_to_kept_ratios_to_the_iqr():
+    from benchmarks.paired import cell, interval
+
+    ratios = [0.95, 0.97, 0.99, 1.0, 1.02, 1.04]
+    assert interval({"ratio": 0.995, "ci": [0.9, 1.1], "ratios": ratios}) == (0.9, 1.1, "CI")
+    assert interval({"ratio": 0.995, "ratios": ratios, "q1": 0.0, "q3": 9.0}) == (*median_ci(ratios), "CI")
+    assert interval({"ratio": 1.0, "q1": 0.98, "q3": 1.02}) == (0.98, 1.02, "IQR")
+    assert cell({"ratio": 1.0, "q1": 0.98, "q3": 1.02}) == "1.000 (0.980–1.020 IQR)"
+    assert cell({"ratio": 1.0, "ci": [0.99, 1.01]}, digits=2) == "1.00 (0.99–1.01)" and cell(None) == "–"
