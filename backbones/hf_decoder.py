@@ -268,6 +268,7 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
         layers = base.h if family.gpt2 else base.layers
         for i, layer in enumerate(layers):
             layers[i] = self._rewrite(i, layer)
+        self.windowed = any(layer.window is not None for layer in layers)  # a sliding window in some layer
         norm = base.ln_f if family.gpt2 else base.norm
         self.add_site(SiteSpec("norm", "norm", dim, frozenset({"unfreeze"})), OpHandle("norm", {"norm": norm}))
         head_name = {"causal_lm": "lm_head", "classification": "score"}.get(self.task)
@@ -340,7 +341,13 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
             x = base.embed_tokens(input_ids)
             same = bool((pos == pos[:1]).all())  # rows share positions (no padding): one copy of the angles, as HF
             rotary = signed_angles(*base.rotary_emb(x, pos[:1] if same else pos))  # cos, sin (B or 1, N, Dh)
-        ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and bool(valid.all()))
+        every = bool(valid.all())
+        ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and every)
+        if cache is not None:
+            cache.all_valid = cache.all_valid and every
+            # One new token per row, every key so far real: it sees all of them (no mask to build).
+            ctx.sees_all = started and n == 1 and cache.all_valid
+            ctx.last_pos = int(pos.max()) if ctx.sees_all and self.windowed else 0
         x, mask = around(self.slot("embed"), x, lambda t, _: t, valid, ctx)  # (B, P + N, D)
         if self.family.gpt2:
             x = base.drop(x)

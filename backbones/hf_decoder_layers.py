@@ -69,6 +69,7 @@ class DecoderCache:
     def __init__(self, num_layers: int) -> None:
         self.layers: list[LayerCache | None] = [None] * num_layers
         self.next_pos: Tensor | None = None  # (B,) position of each row's next real token
+        self.all_valid = True  # no chunk so far had padding: every cached key is a real token (or a prompt)
 
     @property
     def started(self) -> bool:
@@ -106,6 +107,10 @@ class Context:
     # Every token real and no cache: without prompts or prefixes the mask is plain causal, and SDPA
     # gets ``is_causal`` instead of a (B, 1, T, T) mask (which it would copy to float per layer).
     all_real: bool = False
+    # Decoding one token per row with every key so far real and within the window: the query sees every
+    # cached key, and (without prefixes) SDPA gets no mask at all, as HF's one-token decoding steps.
+    sees_all: bool = False
+    last_pos: int = 0  # with ``sees_all``: the chunk's highest position (a sliding window must cover 0..last_pos)
 
 
 # torch >= 2.5: scaled_dot_product_attention takes grouped-query keys/values as they are (enable_gqa).
@@ -114,14 +119,16 @@ SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *, groups: int = 1,
                      prefixes: list[KV] = (), decomposed: bool = False, dropout_p: float = 0.0,
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, causal: bool | None = None) -> Tensor:
     """Attention of q (B, H, Nq, Dh) over k, v (B, H / ``groups``, Nk, Dh) (grouped-query: each key/value
-    head serves ``groups`` consecutive query heads) where ``allowed`` (B, 1, Nq, Nk) is True (None:
-    plain causal, no prefixes), and over learned prefixes (each (B, H, P, Dh), always visible).
+    head serves ``groups`` consecutive query heads) where ``allowed`` (B, 1, Nq, Nk) is True (None, no
+    prefixes: plain causal, or every key with ``causal=False``), and over learned prefixes (each
+    (B, H, P, Dh), always visible).
     ``decomposed`` computes ``(1 - λ)·Attn(Q, K, V) + λ·Attn(Q, K_pre, V_pre)`` (U-Tuning, arXiv
     2303.00690, Eq. 3-5)."""
     prefixes = [(pk.to(q.dtype), pv.to(q.dtype)) for pk, pv in prefixes]
     k, v = k.to(q.dtype), v.to(q.dtype)
+    causal = allowed is None if causal is None else causal
     if not decomposed or not prefixes:
         if prefixes:
             n_pre = sum(p[0].shape[2] for p in prefixes)
@@ -131,7 +138,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *,
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
-                                              is_causal=allowed is None)
+                                              is_causal=causal and allowed is None)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -190,6 +197,8 @@ def chunk_positions(x: Tensor, ctx: Context, mask: Tensor) -> Tensor:
     """Positions (B, T) of the T = P + N tokens entering an operation: -P..-1 for the P prompt
     tokens at the start, then the chunk's real-token positions."""
     p = x.shape[1] - ctx.pos.shape[1]
+    if p == 0:
+        return ctx.pos
     lead = torch.arange(-p, 0, device=x.device).expand(x.shape[0], -1)
     return torch.cat([lead, ctx.pos], dim=1)
 
@@ -350,20 +359,22 @@ class DecoderLayer(nn.Module):
         # Every token real, no prompt, prefix or cache (``all_real``: no cache) and within the window: plain causal.
         plain = ctx.all_real and not prefixes and x.shape[1] == ctx.pos.shape[1] and (
             self.window is None or x.shape[1] <= self.window)
-        allowed = None  # (B, 1, T, T_k); None: causal
+        allowed = None  # (B, 1, T, T_k); None: causal (``plain``) or every key (``sees_all``)
         if not plain:
             pos = chunk_positions(x, ctx, mask)  # (B, T)
             k_pos, k_valid = pos, mask
             if ctx.cache is not None:
                 entry = ctx.cache.update(self.index, k, v, pos, mask, prefixes)
                 k, v, k_pos, k_valid = entry.k, entry.v, entry.pos, entry.valid
-            allowed = visible(pos, k_pos, k_valid, self.window)
+            sees_all = ctx.sees_all and not prefixes and (self.window is None or ctx.last_pos < self.window)
+            if not sees_all:
+                allowed = visible(pos, k_pos, k_valid, self.window)
         if not prefixes and self.groups > 1 and SDPA_GQA:  # grouped keys/values go in unrepeated (no copies kept)
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, is_causal=plain,
                                                dropout_p=self.attn_dropout_p(), scale=self.scale, enable_gqa=True)
         else:
             o = causal_attention(q, k, v, allowed, groups=self.groups, prefixes=prefixes, decomposed=decomposed,
-                                 dropout_p=self.attn_dropout_p(), scale=self.scale)
+                                 dropout_p=self.attn_dropout_p(), scale=self.scale, causal=plain)
         return self.out(merge_heads(o))  # (B, T, D)
 
     def _angles(self, ctx: Context, t: int) -> tuple[Tensor, Tensor]:

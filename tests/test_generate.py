@@ -4,6 +4,7 @@ adapter tuners), greedy tokens equal Hugging Face ``generate`` untuned and with 
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -45,6 +46,39 @@ def test_cached_steps_equal_the_full_forward_with_tuners(family):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("tuners", ["no_prefix", "with_prefix"])
+def test_unpadded_one_token_steps_see_every_key_without_a_mask(family, tuners):
+    """No padding anywhere: each one-token step attends to every cached key with no mask built (as HF's
+    decoding steps), except layers with prefixes and, past its window, Mistral's sliding window (window
+    5: steps at positions 3, 4 are inside it, 5, 6 are not); every step equals the full forward."""
+    from utuning.backbones import hf_decoder_layers
+
+    _, make = pair(family)
+    lora = ("lora", LLAMA_LINEARS if family != "gpt2" else "blocks.*.attn.qkv", {"rank": 2})
+    specs = [s for s in TUNERS if tuners == "with_prefix" or s[0] != "prefix"] + [lora]
+    tuned = utuning.tune(make(), specs).eval()
+    randomize_tuners(tuned)
+    backbone = tuned.backbone
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        full = tuned(input_ids=ids, attention_mask=torch.ones_like(ids))  # (B, 7, V)
+        cache = backbone.new_cache()
+        steps = [backbone(ids[:, :3], torch.ones(2, 3, dtype=torch.long), cache=cache)[:, -1:]]
+        masks = []
+        for t in range(3, 7):
+            with mock.patch.object(hf_decoder_layers, "visible", wraps=hf_decoder_layers.visible) as built:
+                steps.append(backbone(ids[:, t:t + 1], torch.ones(2, 1, dtype=torch.long), cache=cache))
+            masks.append(built.call_count)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 2:], atol=1e-5, rtol=1e-5)
+    if tuners == "with_prefix":
+        assert masks == [2] * 4  # every layer has a prefix: its mask joins the prefix keys
+    elif family == "mistral":
+        assert masks == [0, 0, 2, 2]  # positions 3, 4 inside the window of 5; 5, 6 past it
+    else:
+        assert masks == [0] * 4
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_greedy_equals_hf_generate_untuned_and_with_merged_lora(family):
     hf, make = pair(family)
@@ -54,6 +88,9 @@ def test_greedy_equals_hf_generate_untuned_and_with_merged_lora(family):
     ref = hf.generate(**inputs, do_sample=False, **kw)[:, 8:]
     ours = generate_ids(backbone, inputs["input_ids"], inputs["attention_mask"], **kw)
     assert torch.equal(ours, ref)
+    full = {"input_ids": torch.randint(3, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    assert torch.equal(generate_ids(backbone, full["input_ids"], full["attention_mask"], **kw),
+                       hf.generate(**full, do_sample=False, **kw)[:, 6:])  # unpadded: steps without a mask
 
     linears = LLAMA_LINEARS if family != "gpt2" else ["blocks.*.attn.qkv", "blocks.*.mlp.*"]
     tuned = utuning.tune(make(), [("lora", linears, {"rank": 2})]).eval()
