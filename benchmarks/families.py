@@ -13,7 +13,8 @@ Per family, with random weights (nothing downloaded):
 Memory is the deterministic tensor-byte peak of one step, one child process per configuration
 (``benchmarks.speed``). Time is taken twice: per process (withheld on the page when the machine was
 oversubscribed, as for the ViT rows) and in the paired A B B A mode in one process
-(``benchmarks.paired``), which the page reports with its interquartile range and the load average.
+(``benchmarks.paired``), which the page reports with the 95% confidence interval of its median
+(``benchmarks.paired.interval``) and the load average.
 
 Jobs carry ``"family": "arch"`` and a key of ``FAMILIES`` as ``"model"``; ``benchmarks.methods.build``
 dispatches them here. Run with ``python -m benchmarks.run --full --families`` (all four) or
@@ -173,19 +174,19 @@ def _pair(record: dict, method: str) -> dict | None:
 
 
 def _paired_cell(p: dict | None) -> str:
-    return "–" if p is None else f"{p['ratio']:.2f} ({p['q1']:.2f}–{p['q3']:.2f})"
+    from benchmarks.paired import cell
+
+    return "–" if p is None else cell(p, digits=2)
 
 
 def _verdict(p: dict | None, busy: bool = False) -> str:
-    """≤ 1.02 met when the whole interquartile range is at or under it, missed when all of it is above;
-    none when the machine was oversubscribed (1-minute load above cores + 1) while the pair ran."""
+    """``benchmarks.paired.time_verdict`` against 1.02 (the median's 95% confidence interval, from the
+    kept ratios); none when the machine was oversubscribed (1-minute load above cores + 1) while the pair ran."""
+    from benchmarks.paired import time_verdict
+
     if p is None:
         return ""
-    if busy:
-        return "no verdict (oversubscribed)"
-    if p["q3"] <= TARGET_INFER:
-        return "met"
-    return "**missed**" if p["q1"] > TARGET_INFER else "undecided (the interquartile range spans 1.02)"
+    return "no verdict (oversubscribed)" if busy else time_verdict(p, TARGET_INFER)
 
 
 def _loads(record: dict) -> list[float]:
@@ -210,9 +211,9 @@ def summary_table(records: list[dict]) -> list[str]:
     """One row per family: the paired time ratios, the per-process memory ratios, the untuned overhead."""
     from benchmarks.report import _f, ratios
 
-    lines = ["| family (parameters) | Dual-U-Tuner tunable | Dual × full FT time (paired, IQR) | Dual × full FT memory "
-             "| LoRA tunable | LoRA × full FT time (paired, IQR) | LoRA × full FT memory "
-             "| untuned wrapped ÷ plain timm, inference (paired, IQR) | ≤ 1.02 |",
+    lines = ["| family (parameters) | Dual-U-Tuner tunable | Dual × full FT time (paired, 95% CI) | Dual × full FT memory "
+             "| LoRA tunable | LoRA × full FT time (paired, 95% CI) | LoRA × full FT memory "
+             "| untuned wrapped ÷ plain timm, inference (paired, 95% CI) | ≤ 1.02 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for rec in records:
         rat, fam = ratios(rec), FAMILIES.get(rec["model"], {"label": rec["model"]})
@@ -272,10 +273,10 @@ def markdown(records: list[dict]) -> list[str]:
              "as the ViT rows); ConvNeXt: on `mlp.fc1` and `mlp.fc2`. Both with a linear head. Full fine-tuning "
              "is the plain timm model with every parameter trained.", "",
              f"Time ratios are the paired A B B A timings (one process; {reps('train')} repetitions of the train "
-             f"pairs, {reps('infer')} of the inference pair; median and interquartile range); memory ratios are the per-process tensor-byte peaks of one step. "
+             f"pairs, {reps('infer')} of the inference pair; median and the 95% bootstrap confidence interval of that median, or the interquartile range where marked IQR; verdicts as `benchmarks.paired.time_verdict`); memory ratios are the per-process tensor-byte peaks of one step. "
              f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores"
              + (": **the machine was oversubscribed**: the per-process time ratios below are withheld and the "
-                "paired ratios are noisy (read their interquartile ranges; no ≤ 1.02 verdict is given)." if busy else "."), ""]
+                "paired ratios are noisy (read their intervals; no ≤ 1.02 verdict is given)." if busy else "."), ""]
     pairs = [p for rec in records for p in rec.get("paired", {}).get("result", {}).get("pairs", [])]
     shares = [p["cpu_share"] for p in pairs if p.get("cpu_share") is not None]
     if shares and len(shares) == len(pairs):
