@@ -364,7 +364,7 @@ def markdown(record: dict) -> list[str]:
         f"`LlamaForCausalLM` with random weights, {total / 1e6:.1f} M parameters" if total else "`LlamaForCausalLM`",
         f"(hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} query / "
         f"{cfg['num_key_value_heads']} key-value heads, SwiGLU {cfg['intermediate_size']}, vocabulary "
-        f"{cfg['vocab_size']}, tied embeddings), fp32, {job['threads']} torch threads on CPU; transformers "
+        f"{cfg['vocab_size']}, tied embeddings), fp32, {job['threads']} torch thread{'s' if job['threads'] != 1 else ''} on CPU; transformers "
         f"{v.get('transformers', '?')}, PEFT {v.get('peft', '?')}. Train step: batch {job['batch']} × "
         f"{job['seq']} tokens, forward, next-token cross-entropy, backward, AdamW. Generation: greedy, "
         f"{job['new']} new tokens after a {job['prompt']}-token prompt, batch {job['batch']}, KV cache "
