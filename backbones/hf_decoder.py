@@ -342,12 +342,12 @@ class HFDecoderBackbone(HFFolderExport, Backbone):
             same = bool((pos == pos[:1]).all())  # rows share positions (no padding): one copy of the angles, as HF
             rotary = signed_angles(*base.rotary_emb(x, pos[:1] if same else pos))  # cos, sin (B or 1, N, Dh)
         every = bool(valid.all())
-        ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and every)
         if cache is not None:
             cache.all_valid = cache.all_valid and every
-            # One new token per row, every key so far real: it sees all of them (no mask to build).
-            ctx.sees_all = started and n == 1 and cache.all_valid
-            ctx.last_pos = int(pos.max()) if ctx.sees_all and self.windowed else 0
+        # One new token per row, every key so far real: it sees all of them (no mask to build).
+        sees_all = started and n == 1 and cache.all_valid
+        ctx = Context(pos, valid, rotary, cache, started, all_real=cache is None and every, sees_all=sees_all,
+                      last_pos=int(pos.max()) if sees_all and self.windowed else 0)
         x, mask = around(self.slot("embed"), x, lambda t, _: t, valid, ctx)  # (B, P + N, D)
         if self.family.gpt2:
             x = base.drop(x)

@@ -119,7 +119,7 @@ SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *, groups: int = 1,
                      prefixes: list[KV] = (), decomposed: bool = False, dropout_p: float = 0.0,
-                     scale: float | None = None, causal: bool | None = None) -> Tensor:
+                     scale: float | None = None, causal: bool = True) -> Tensor:
     """Attention of q (B, H, Nq, Dh) over k, v (B, H / ``groups``, Nk, Dh) (grouped-query: each key/value
     head serves ``groups`` consecutive query heads) where ``allowed`` (B, 1, Nq, Nk) is True (None, no
     prefixes: plain causal, or every key with ``causal=False``), and over learned prefixes (each
@@ -128,7 +128,6 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, *,
     2303.00690, Eq. 3-5)."""
     prefixes = [(pk.to(q.dtype), pv.to(q.dtype)) for pk, pv in prefixes]
     k, v = k.to(q.dtype), v.to(q.dtype)
-    causal = allowed is None if causal is None else causal
     if not decomposed or not prefixes:
         if prefixes:
             n_pre = sum(p[0].shape[2] for p in prefixes)

@@ -176,7 +176,7 @@ def _pair(record: dict, method: str) -> dict | None:
 def _paired_cell(p: dict | None) -> str:
     from benchmarks.paired import cell
 
-    return "–" if p is None else cell(p, digits=2)
+    return cell(p, digits=2)
 
 
 def _verdict(p: dict | None, busy: bool = False) -> str:

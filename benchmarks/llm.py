@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.methods import Built, Unavailable, _count
+from benchmarks.paired import VERDICT_RULE, cell, time_verdict
 from benchmarks.report import MIN_CPU_SHARE
 
 LLAMA_100M = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -286,20 +287,12 @@ def _versions() -> dict:
 
 
 # The page ---------------------------------------------------------------------------------
-def _cell(p: dict | None) -> str:
-    from benchmarks.paired import cell
-
-    return cell(p)
-
-
 def _per_process(p: dict | None) -> str:
     ratios = (p or {}).get("process_ratios") or []
     return ", ".join(f"{r:.3f}" for r in ratios) if len(ratios) > 1 else ""
 
 
 def train_table(record: dict) -> list[str]:
-    from benchmarks.paired import time_verdict
-
     rows = {r["method"]: r for r in record["rows"]}
     pairs = {(p["ref"], p["method"]): p for p in record["paired"].get("pairs", []) if p["mode"] == "train"}
     lines = ["| method | tunable, ours / PEFT | peak step memory, ours / PEFT (MiB) | ours ÷ PEFT memory "
@@ -313,12 +306,12 @@ def train_table(record: dict) -> list[str]:
             continue
         mem = a["peak_mib"] / b["peak_mib"]
         lines.append(f"| {label} | {a['tunable']:,} / {b['tunable']:,} | {a['peak_mib']:.0f} / {b['peak_mib']:.0f} | "
-                     f"{mem:.3f} | {_cell(p)} | {_per_process(p)} | {'met' if mem <= 1.0 else '**missed**'} | "
+                     f"{mem:.3f} | {cell(p)} | {_per_process(p)} | {'met' if mem <= 1.0 else '**missed**'} | "
                      f"{time_verdict(p)} |")
     control = pairs.get(("lora", "lora_again"))
     if control and control.get("status") == "ok":
         lines += ["", f"A/A control, the same LoRA model built twice and timed the same way (ours ÷ ours): "
-                  f"{_cell(control)}" + (f" (per process {_per_process(control)})" if _per_process(control) else "")
+                  f"{cell(control)}" + (f" (per process {_per_process(control)})" if _per_process(control) else "")
                   + ": what the measurement gives for identical arithmetic, against which the ratios above are read."]
     return lines
 
@@ -336,7 +329,7 @@ def generate_table(record: dict) -> list[str]:
             lines.append(f"| {p['ref']} | {p['method']} | | | {p.get('status')}: {p.get('reason', '')} | | | |")
             continue
         lines.append(f"| {p['ref']} | {p['method']} | {tokens / p['ref_s']:.1f} | {tokens / p['method_s']:.1f} | "
-                     f"{_cell(p)} | {_per_process(p)} | {'yes' if p.get('same_tokens') else 'no'} | {notes.get((p['ref'], p['method']), '')} |")
+                     f"{cell(p)} | {_per_process(p)} | {'yes' if p.get('same_tokens') else 'no'} | {notes.get((p['ref'], p['method']), '')} |")
     return lines
 
 
@@ -373,9 +366,7 @@ def markdown(record: dict) -> list[str]:
         f"Time: both sides in one process, stepped A B B A × {job['repeats']} after {job['warmup']} warm-up "
         f"step(s), in {job.get('processes', 1)} process(es) (build order alternated between them); the median of "
         "every repetition's (B ÷ A), with the 95% bootstrap confidence interval of that median, and each "
-        "process's own median. Time verdicts: met (the whole interval ≤ 1), met at the median (median ≤ 1, "
-        "the interval reaches above: not distinguishable from parity, as the A/A control), within noise "
-        "(median above 1, the interval reaches 1), missed (the whole interval above 1). PEFT's prefix learns one prefix per "
+        f"process's own median. {VERDICT_RULE} PEFT's prefix learns one prefix per "
         "key-value head (GQA), ours one per query head, hence 3× the parameters here. "
         f"Run started {record['started']}, took {record['wall_s'] / 60:.1f} min; 1-minute load average "
         f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} on {cores} cores{loads_note}"

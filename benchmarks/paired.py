@@ -138,6 +138,12 @@ def cell(p: dict | None, digits: int = 3) -> str:
     return f"{p['ratio']:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f}{' IQR' if kind == 'IQR' else ''})"
 
 
+#: The page's words for ``time_verdict``'s rule, against a target of 1.
+VERDICT_RULE = ("Time verdicts: met (the whole interval ≤ 1), met at the median (median ≤ 1, the interval reaches "
+                "above: not distinguishable from parity, as an A/A control), within noise (median above 1, the "
+                "interval reaches 1), missed (the whole interval above 1).")
+
+
 def time_verdict(p: dict | None, target: float = 1.0) -> str:
     """A time target (B ÷ A ≤ ``target``) read from a pair's median and its confidence interval
     (``interval``): **met** when the whole interval is at

@@ -57,7 +57,7 @@ def run(job: dict) -> dict:
 
 
 def markdown(job: dict, r: dict) -> str:
-    from benchmarks.paired import cell, time_verdict
+    from benchmarks.paired import VERDICT_RULE, cell, time_verdict
 
     depth = f"{job['depth']} blocks" if job.get("depth") else "all 12 blocks"
     head = ["## Ours vs HF PEFT: IA3, DoRA, VeRA, OFT, and SSF (issue 14)", "",
@@ -66,10 +66,8 @@ def markdown(job: dict, r: dict) -> str:
             "live tensor bytes of a train step, each configuration in its own process (exact, the same in every "
             f"process). Time: ours and the reference in one process, stepped A B B A × {job['repeats']} after "
             f"{job.get('warmup', 1)} warm-up step(s); the median of (ours ÷ reference) with the 95% bootstrap "
-            "confidence interval of that median (or, marked IQR, the interquartile range of the repetitions). "
-            "Time verdicts: met (the whole interval ≤ 1), met at the median (median ≤ 1, the interval reaches "
-            "above), within noise (median above 1, the interval reaches 1), missed (the whole interval above 1). "
-            "Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
+            f"confidence interval of that median (or, marked IQR, the interquartile range of the repetitions). "
+            f"{VERDICT_RULE} Target: ours ≤ PEFT on both; for SSF and IA3 against our LoRA (the issue's target for "
             "scaling tuners), no more memory than LoRA at a similar parameter count; IA3's fc2-input vector needs "
             "fc2's (B, N, 4D) input for its gradient, as a LoRA on fc2 does, so the like-for-like LoRA is the one "
             "at IA3's sites.", ""]
@@ -95,7 +93,7 @@ def markdown(job: dict, r: dict) -> str:
             lines.append(f"| {label} | | | | | | | | {bad.get('status', 'missing')}: {str(bad.get('reason', ''))[:120]} |")
             continue
         mem = a["peak_mib"] / b["peak_mib"]
-        time_cell = cell(t) if t else "–"
+        time_cell = cell(t)
         key = (ours, ref)
         mem_verdict = "context" if key in CONTEXT else "met" if mem <= 1 + MEMORY_SLACK else "**missed**"
         time_ok = "not a target" if key in CONTEXT | MEMORY_ONLY else time_verdict(t)
